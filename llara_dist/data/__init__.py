@@ -1,0 +1,1 @@
+"""Data path: raw interaction logs -> samples -> WebDataset shards -> prompts -> batches."""

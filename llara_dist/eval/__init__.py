@@ -1,0 +1,1 @@
+"""Evaluation: distributed generation, answer matching, metrics and reports."""

@@ -1,0 +1,1 @@
+"""The LLaRA model: base causal LM + LoRA + projector + embedding injection."""

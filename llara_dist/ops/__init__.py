@@ -1,0 +1,1 @@
+"""Custom ops. Imports only torch (triton lazily)."""

@@ -1,0 +1,1 @@
+"""Distributed training: Ray Train driver, per-worker DeepSpeed loop, curriculum, checkpoints."""
