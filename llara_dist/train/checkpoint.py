@@ -1,0 +1,185 @@
+"""Checkpoints: save one rank's DeepSpeed state, find the latest complete one, convert across world sizes.
+
+Layout of one checkpoint (Ray merges every rank's files into ``STORAGE/NAME/step_NNNNNNNN/``)::
+
+    step_00000030/
+      trainer_state.json          rank 0: step, data position, world size, DeepSpeed tag
+      manifest/rank_00000.json    each rank: the files it wrote, with their sizes
+      global_step30/...           DeepSpeed ZeRO files (trainable state only)
+      latest                      DeepSpeed's pointer to the tag
+      global_step30_universal/    created on demand when resuming on another world size
+
+Why the manifests: a crash while a checkpoint is copied to storage can leave a directory with a
+missing or truncated rank file. Ray only registers a checkpoint once every rank has reported, but
+on resume we also verify the files themselves and fall back to the previous checkpoint (with a
+warning) rather than crash or, worse, load a partial optimizer state.
+
+The data position is the stream's *global* sample offset, so it means the same thing at any world
+size; the curriculum and per-step RNG depend only on the global step, so nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llara_dist.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+MANIFEST_DIR = "manifest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def ds_tag(step: int) -> str:
+    return f"global_step{step}"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides DeepSpeed's own state that a resumed run needs."""
+
+    step: int  # optimiser steps completed
+    total_steps: int
+    world_size: int  # world size that wrote the DeepSpeed files
+    tag: str  # DeepSpeed tag inside the checkpoint directory
+    stream: dict  # TrainStream.state_dict(): {"epoch", "offset"} (global samples, world-size free)
+    zero_stage: int
+    samples_seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "TrainerState":
+        try:
+            tree = json.loads(path.read_text())
+            return cls(**tree)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable trainer state ({e})") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_rank_checkpoint(engine, out_dir: Path, state: TrainerState, rank: int) -> None:
+    """Write this rank's part of the checkpoint for ``state.step`` into the local ``out_dir``.
+
+    Collective: every rank must call it. ``out_dir`` is a per-rank scratch directory that is then
+    handed to ``ray.train.report`` (Ray copies and merges the ranks' directories).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(out_dir), tag=state.tag, client_state={"trainer_state": asdict(state)},
+                           exclude_frozen_parameters=True)
+    if rank == 0:
+        _write_atomic(out_dir / STATE_FILE, state.to_json())
+    files = {p.relative_to(out_dir).as_posix(): p.stat().st_size
+             for p in sorted(out_dir.rglob("*")) if p.is_file() and MANIFEST_DIR not in p.parts}
+    (out_dir / MANIFEST_DIR).mkdir(exist_ok=True)
+    _write_atomic(out_dir / MANIFEST_DIR / f"rank_{rank:05d}.json",
+                  json.dumps({"rank": rank, "step": state.step, "files": files}, sort_keys=True))
+
+
+def validate_checkpoint(path: Path) -> TrainerState:
+    """The checkpoint's trainer state if every rank's files are present and complete, else CheckpointError."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: no {STATE_FILE} (incomplete checkpoint, rank 0's files are missing)")
+    state = TrainerState.from_file(state_file)
+    for rank in range(state.world_size):
+        manifest = path / MANIFEST_DIR / f"rank_{rank:05d}.json"
+        if not manifest.is_file():
+            raise CheckpointError(f"{path}: rank {rank} of {state.world_size} wrote no manifest "
+                                  f"({manifest.name} missing): its files never reached storage")
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{manifest}: unreadable ({e})") from None
+        for rel, size in files.items():
+            f = path / rel
+            if not f.is_file():
+                raise CheckpointError(f"{path}: rank {rank}'s file {rel} is missing")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{path}: rank {rank}'s file {rel} has {f.stat().st_size} bytes, "
+                                      f"expected {size} (truncated)")
+    if not (path / state.tag).is_dir():
+        raise CheckpointError(f"{path}: DeepSpeed tag directory {state.tag}/ is missing")
+    return state
+
+
+def step_dirs(parent: Path) -> list[Path]:
+    """``step_*`` checkpoint directories under ``parent``, newest (highest step) first."""
+    if not parent.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in parent.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resumable(latest: Path) -> tuple[Path, TrainerState]:
+    """``latest`` if complete, else the newest complete older sibling, warning about each one skipped."""
+    latest = Path(latest)
+    candidates = [latest] + [p for p in step_dirs(latest.parent) if p != latest and _older(p, latest)]
+    problems = []
+    for path in candidates:
+        try:
+            state = validate_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            msg = f"skipping an incomplete checkpoint: {problem}; resuming from {path.name} instead"
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+        return path, state
+    raise CheckpointError("no complete checkpoint to resume from:\n  " + "\n  ".join(problems)
+                          + "\n(delete the run's checkpoints/ directory to start over)")
+
+
+def _older(p: Path, than: Path) -> bool:
+    a, b = _STEP_DIR.match(p.name), _STEP_DIR.match(than.name)
+    return bool(a and b and int(a.group(1)) < int(b.group(1)))
+
+
+def ensure_universal(path: Path, state: TrainerState) -> str:
+    """Convert ``path/TAG`` to DeepSpeed's universal format once; returns the universal tag.
+
+    Called by one rank. The conversion writes into a temporary folder that is renamed into place,
+    so an interrupted conversion is simply redone and a reader never sees half of one.
+    """
+    tag = state.tag + UNIVERSAL_SUFFIX
+    target = Path(path) / tag
+    if (target / "zero").is_dir():
+        return tag
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.", dir=path))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(Path(path) / state.tag),
+           "--output_folder", str(tmp / "out"), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{path}: conversion of {state.tag} (world size {state.world_size}) to the universal "
+                              f"format failed:\n{proc.stderr[-2000:]}")
+    if target.exists():  # a conversion that died before its rename left nothing usable
+        shutil.rmtree(target)
+    os.replace(tmp / "out", target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tag
