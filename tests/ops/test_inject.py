@@ -126,3 +126,65 @@ def test_dense_kernel_matches_sparse_kernel(n_rows, per_sample):
         dense_grads = backward_torch(grad, slots, n_rows, need_inputs, sparse=False)
         torch.testing.assert_close(dense_grads, sparse_grads, rtol=0, atol=1e-6)
         assert (dense_grads[0] is None) == (not need_inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_registration(dtype):
+    x, slots, rows = make_case(n_rows=3, per_sample=5, dtype=dtype)
+    grad = torch.randn(x.shape).to(dtype)
+    ops = torch.ops.llara
+    torch.library.opcheck(ops.inject_embeddings.default, (x.requires_grad_(True), slots, rows))
+    torch.library.opcheck(ops.inject_embeddings_backward.default, (grad, slots, 3))
+    torch.library.opcheck(ops.inject_embeddings_rows_grad.default, (grad, slots, 3))
+
+
+class TinyInjector(torch.nn.Module):
+    """What the model does: embed tokens, project the batch's items, inject them."""
+
+    def __init__(self, vocab=20, dim=8, rec_dim=4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.embed.weight.requires_grad_(False)  # frozen like the LLM's embeddings
+        self.projector = torch.nn.Sequential(
+            torch.nn.Linear(rec_dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, dim))
+
+    def forward(self, ids, slots, item_vectors):
+        return inject_embeddings(self.embed(ids), slots, self.projector(item_vectors))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyInjector()
+    ids = torch.randint(0, 20, (2, 9))
+    _, slots, _ = make_case(batch=2, length=9, n_rows=3, per_sample=4)
+    items = torch.randn(3, 4)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = compiled(ids, slots, items)
+    ref = model(ids, slots, items)
+    torch.testing.assert_close(out, ref)
+    out.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in model.projector.parameters()]
+    model.zero_grad()
+    ref.pow(2).sum().backward()
+    for got, want in zip(grads, model.projector.parameters()):
+        torch.testing.assert_close(got, want.grad)
+    explanation = torch._dynamo.explain(model)(ids, slots, items)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_torch_compile_dynamic_shapes():
+    # Every batch has its own length and number of distinct items: one graph must serve them.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyInjector()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    for batch, length, n_rows in [(2, 9, 3), (3, 14, 5), (1, 6, 0)]:
+        ids = torch.randint(0, 20, (batch, length))
+        _, slots, _ = make_case(batch=batch, length=length, n_rows=n_rows,
+                                per_sample=min(n_rows, 4))
+        items = torch.randn(n_rows, 4)
+        out = compiled(ids, slots, items)
+        torch.testing.assert_close(out, model(ids, slots, items))
+        out.sum().backward()
