@@ -1,0 +1,211 @@
+"""The on-disk shard contract: write it deterministically, read and validate it.
+
+A shard directory holds ``meta.json``, ``items.jsonl`` and WebDataset tars ``{split}-NNNNNN.tar``
+with one ``<key>.json`` member per sample (see docs/data.md). Tars are written byte-for-byte
+reproducibly (fixed member order, mtime 0, no owner names), so the same input and seed give the
+same sha256s, which ``meta.json`` records and every reader checks: a corrupt, truncated or edited
+shard is reported by name instead of being half-read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from llara_dist.data.samples import SPLITS, train_candidates  # noqa: F401  (train_candidates re-exported)
+from llara_dist.errors import DataError
+
+SCHEMA_VERSION = 1
+DOMAINS = ("movie", "game", "artist")
+_META_FIELDS = {
+    "schema_version": int, "source": str, "domain": str, "n_items": int, "n_users": int,
+    "history_len": int, "min_history": int, "num_candidates": int, "seed": int, "counts": dict,
+    "shards": dict, "filtered": dict, "fingerprint": str,
+}
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def encode_sample(sample: dict) -> bytes:
+    # Fixed field order and separators: the bytes (and so the shard hashes) depend only on the data.
+    return json.dumps(sample, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def tar_bytes(samples: list[dict]) -> bytes:
+    """One deterministic tar with a ``<key>.json`` member per sample, in the given order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            data = encode_sample(sample)
+            info = tarfile.TarInfo(f"{sample['key']}.json")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_split(out_dir: Path, split: str, samples: list[dict], samples_per_shard: int) -> list[dict]:
+    """Write a split's samples as tars of `samples_per_shard`; returns their meta entries."""
+    entries = []
+    for index, start in enumerate(range(0, len(samples), samples_per_shard)):
+        chunk = samples[start:start + samples_per_shard]
+        data = tar_bytes(chunk)
+        name = shard_name(split, index)
+        (out_dir / name).write_bytes(data)
+        entries.append({"name": name, "sha256": sha256_bytes(data), "samples": len(chunk)})
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata and titles
+
+
+def load_meta(shard_dir: str | Path) -> dict:
+    """``meta.json``, validated; `DataError` naming the file and field otherwise."""
+    path = Path(shard_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (is {shard_dir} a directory written by `llara-dist prepare`?)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object at the top level")
+    for name, typ in _META_FIELDS.items():
+        if name not in meta:
+            raise DataError(f"{path}: missing field {name!r}")
+        if not isinstance(meta[name], typ) or (typ is int and isinstance(meta[name], bool)):
+            raise DataError(f"{path}: {name}: expected {typ.__name__}, got {meta[name]!r}")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise DataError(f"{path}: schema_version: expected {SCHEMA_VERSION}, got {meta['schema_version']} "
+                        "(re-run `llara-dist prepare`)")
+    if meta["domain"] not in DOMAINS:
+        raise DataError(f"{path}: domain: expected one of {', '.join(DOMAINS)}, got {meta['domain']!r}")
+    if meta["n_items"] < 2:
+        raise DataError(f"{path}: n_items: expected at least 2, got {meta['n_items']}")
+    for split in SPLITS:
+        entries = meta["shards"].get(split)
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: shards.{split}: expected a list of shard entries")
+        for i, e in enumerate(entries):
+            if not (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("sha256"), str)
+                    and isinstance(e.get("samples"), int)):
+                raise DataError(f"{path}: shards.{split}[{i}]: expected {{name, sha256, samples}}, got {e!r}")
+        total = sum(e["samples"] for e in entries)
+        if meta["counts"].get(split) != total:
+            raise DataError(f"{path}: counts.{split}: {meta['counts'].get(split)!r} disagrees with the "
+                            f"shard entries ({total} samples)")
+    return meta
+
+
+def load_titles(shard_dir: str | Path) -> list[str]:
+    """Item titles from ``items.jsonl`` (index = item id), checked against ``meta.json``."""
+    meta = load_meta(shard_dir)
+    path = Path(shard_dir) / "items.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    titles = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or row.get("id") != len(titles) or not isinstance(row.get("title"), str):
+            raise DataError(f"{path}:{n}: expected {{\"id\": {len(titles)}, \"title\": str}} (ids dense from 0), "
+                            f"got {line[:80]!r}")
+        titles.append(row["title"])
+    if len(titles) != meta["n_items"]:
+        raise DataError(f"{path}: {len(titles)} items, but meta.json says n_items={meta['n_items']}")
+    return titles
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_shard_bytes(shard_dir: str | Path, entry: dict) -> bytes:
+    """A shard's bytes, checked against the sha256 recorded at prepare time."""
+    path = Path(shard_dir) / entry["name"]
+    if not path.is_file():
+        raise DataError(f"{path}: shard listed in meta.json is missing")
+    data = path.read_bytes()
+    if sha256_bytes(data) != entry["sha256"]:
+        raise DataError(f"{path}: corrupt shard: sha256 does not match meta.json (the file is truncated, "
+                        "damaged or was modified after prepare; re-run `llara-dist prepare`)")
+    return data
+
+
+def shard_records(name: str, data: bytes) -> Iterator[tuple[str, bytes]]:
+    """(key, json bytes) of each sample in a tar, via WebDataset's own tar reader."""
+    stream = tar_file_expander([{"url": name, "stream": io.BytesIO(data)}], eof_value=None)
+    try:
+        for sample in group_by_keys(stream):
+            if "json" not in sample:
+                raise DataError(f"{name}: sample {sample['__key__']!r} has no .json member")
+            yield sample["__key__"], sample["json"]
+    except (tarfile.TarError, ValueError, EOFError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{name}: corrupt shard: not a readable tar ({e})") from None
+
+
+def decode_sample(raw: bytes, *, shard: str, n_items: int, with_candidates: bool) -> dict:
+    """Parse one sample's JSON and check every field, including item ids < n_items."""
+    try:
+        sample = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{shard}: a sample is not valid JSON ({e})") from None
+    key = sample.get("key") if isinstance(sample, dict) else None
+    where = f"{shard}: sample {key!r}"
+    if not isinstance(key, str) or not isinstance(sample.get("user"), int):
+        raise DataError(f"{where}: expected fields key (str) and user (int)")
+    fields = ["target", "history"] + (["candidates"] if with_candidates else [])
+    for name in fields:
+        value = sample.get(name)
+        ids = value if isinstance(value, list) else [value]
+        if name != "target" and not isinstance(value, list):
+            raise DataError(f"{where}: {name}: expected a list of item ids, got {value!r}")
+        for i in ids:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_items:
+                raise DataError(f"{where}: {name}: item id {i!r} out of range (expected 0 <= id < "
+                                f"n_items={n_items}); the shards do not match their meta.json")
+    if with_candidates and sample["candidates"].count(sample["target"]) != 1:
+        raise DataError(f"{where}: candidates must contain the target exactly once")
+    return sample
+
+
+def read_split(shard_dir: str | Path, split: str) -> Iterator[dict]:
+    """Every sample of a split, in stored order (valid/test carry their fixed candidates)."""
+    if split not in SPLITS:
+        raise DataError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    meta = load_meta(shard_dir)
+    for entry in meta["shards"][split]:
+        data = read_shard_bytes(shard_dir, entry)
+        for _, raw in shard_records(entry["name"], data):
+            yield decode_sample(raw, shard=entry["name"], n_items=meta["n_items"], with_candidates=split != "train")
+
+
+def read_split_part(shard_dir: str | Path, split: str, rank: int, world_size: int) -> Iterator[dict]:
+    """A disjoint strided part of a split (sample index ``i % world_size == rank``), for evaluation."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    for i, sample in enumerate(read_split(shard_dir, split)):
+        if i % world_size == rank:
+            yield sample
