@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from llara_dist.config import Config, PrepareConfig
@@ -13,8 +14,6 @@ from llara_dist.data.samples import SPLITS, eval_candidates, split_samples
 from llara_dist.data.shards import SCHEMA_VERSION, write_split
 from llara_dist.data.sources import Interactions, generate_synthetic, load_grouplens, load_recbole
 from llara_dist.errors import DataError
-
-import numpy as np
 
 
 def load_source(p: PrepareConfig) -> Interactions:
@@ -45,9 +44,9 @@ def prepare_shards(data: Interactions, p: PrepareConfig, out: Path, *, progress:
     if not samples["test"]:
         raise DataError(f"prepare: no user has more than min_history={p.min_history} interactions; "
                         "nothing to train or evaluate on")
-    for split in ("valid", "test"):
-        for s in tqdm(samples[split], desc=f"candidates {split}", disable=not progress, leave=False):
-            s["candidates"] = eval_candidates(s, n_items, p.num_candidates, p.seed)
+    evaluated = samples["valid"] + samples["test"]
+    for s in tqdm(evaluated, desc="valid/test candidates", unit="sample", disable=not progress, leave=False):
+        s["candidates"] = eval_candidates(s, n_items, p.num_candidates, p.seed)
     # Train samples are stored in a seeded random order, so that a shard (and the stream's shuffle
     # buffer) mixes many users; valid/test stay in user order.
     order = np.random.default_rng([p.seed & 0xFFFFFFFF, 7]).permutation(len(samples["train"]))
@@ -58,8 +57,10 @@ def prepare_shards(data: Interactions, p: PrepareConfig, out: Path, *, progress:
         if stale.name.split("-")[0] in SPLITS:
             stale.unlink()
     shards = {}
-    for split in tqdm(SPLITS, desc="writing shards", disable=not progress, leave=False):
-        shards[split] = write_split(out, split, samples[split], p.samples_per_shard)
+    total = sum(len(v) for v in samples.values())
+    with tqdm(total=total, desc="writing shards", unit="sample", disable=not progress, leave=False) as bar:
+        for split in SPLITS:
+            shards[split] = write_split(out, split, samples[split], p.samples_per_shard, progress=bar.update)
     items = _items_jsonl(data.titles)
     (out / "items.jsonl").write_bytes(items)
 

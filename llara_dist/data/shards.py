@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -61,8 +61,12 @@ def tar_bytes(samples: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def write_split(out_dir: Path, split: str, samples: list[dict], samples_per_shard: int) -> list[dict]:
-    """Write a split's samples as tars of `samples_per_shard`; returns their meta entries."""
+def write_split(out_dir: Path, split: str, samples: list[dict], samples_per_shard: int,
+                progress: Callable[[int], object] | None = None) -> list[dict]:
+    """Write a split's samples as tars of `samples_per_shard`; returns their meta entries.
+
+    `progress(n)` is called after each shard with its sample count (e.g. a tqdm bar's `update`).
+    """
     entries = []
     for index, start in enumerate(range(0, len(samples), samples_per_shard)):
         chunk = samples[start:start + samples_per_shard]
@@ -70,6 +74,8 @@ def write_split(out_dir: Path, split: str, samples: list[dict], samples_per_shar
         name = shard_name(split, index)
         (out_dir / name).write_bytes(data)
         entries.append({"name": name, "sha256": sha256_bytes(data), "samples": len(chunk)})
+        if progress is not None:
+            progress(len(chunk))
     return entries
 
 

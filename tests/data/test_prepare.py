@@ -259,3 +259,33 @@ def test_load_meta_errors(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"schema_version": 1}))
     with pytest.raises(DataError, match="missing field 'source'"):
         load_meta(tmp_path)
+
+
+def test_grouplens_bad_rows_name_file_and_line(tmp_path):
+    d = tmp_path / "ml"
+    d.mkdir()
+    (d / "u.item").write_bytes(b"1|Toy Story (1995)|x\n2|Heat (1995)|x\n")
+    (d / "u.data").write_text("7\t1\t4\t100\n7\t2\t4\n")
+    cfg = (f"prepare.out={tmp_path / 'out'}", "prepare.format=grouplens", f"prepare.input={d}")
+    with pytest.raises(DataError, match=r"u.data:2: expected 4 tab-separated fields"):
+        run_prepare(tiny_config(*cfg))
+    (d / "u.data").write_text("7\t1\t4\t100\n7\t3\t4\t101\n")
+    with pytest.raises(DataError, match=r"u.data:2: item '3' has no title"):
+        run_prepare(tiny_config(*cfg))
+    (d / "u.item").unlink()
+    with pytest.raises(DataError, match=r"u.item: file not found"):
+        run_prepare(tiny_config(*cfg))
+
+
+ML100K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k"
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not ML100K.is_dir() or not __import__("os").environ.get("LLARA_REALDATA"),
+                    reason="set LLARA_REALDATA=1 with ../shared/data/ml-100k present")
+def test_movielens_100k_recbole(tmp_path):
+    meta = _prepare(tmp_path / "ml", "prepare.format=recbole", f"prepare.input={ML100K}")
+    assert (meta["n_users"], meta["n_items"]) == (943, 1682)
+    # every interaction but each user's first is a target, kept or dropped for a short history
+    assert sum(meta["counts"].values()) + meta["filtered"]["short_history_samples"] == 100_000 - 943
+    assert "The Usual Suspects" in load_titles(tmp_path / "ml")
