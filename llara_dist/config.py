@@ -123,6 +123,9 @@ class TrainConfig(_Section):
     valid_every: int | None = Field(None, ge=1)
     valid_samples: int = Field(64, ge=1)
     seed: int = 42
+    # End this invocation at this global step (checkpointed there) without changing the schedule,
+    # e.g. to fit a time-sliced allocation; running the same command again continues the run.
+    stop_after_steps: int | None = Field(None, ge=1)
 
     @field_validator("curriculum")
     @classmethod
@@ -151,8 +154,11 @@ class ScalingSection(_Section):
 
 class RaySection(_Section):
     address: str | None = None  # None: $RAY_ADDRESS if set, else a local cluster; "auto": connect
-    storage_path: str | None = None  # default: RUN_DIR's parent (must be visible to every node)
-    name: str | None = None  # Ray Train run name; default: RUN_DIR's basename
+    # Where Ray Train keeps the checkpoints: STORAGE_PATH/NAME/step_NNNNNNNN/. Default: RUN_DIR with
+    # name "checkpoints" (RUN_DIR/checkpoints). On a multi-node cluster use a path every node sees
+    # (NFS) or a cloud URI (s3://...); the name then defaults to RUN_DIR's basename.
+    storage_path: str | None = None
+    name: str | None = None
 
 
 class EvalConfig(_Section):

@@ -183,3 +183,80 @@ def ensure_universal(path: Path, state: TrainerState) -> str:
     os.replace(tmp / "out", target)
     shutil.rmtree(tmp, ignore_errors=True)
     return tag
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside the workers: which checkpoint to resume, and the final export
+
+
+@dataclass
+class Resume:
+    path: Path  # local (or shared) checkpoint directory
+    state: TrainerState
+    tag: str  # DeepSpeed tag to load (the universal one after a world-size change)
+    universal: bool
+
+
+def _decide(path: Path, world_size: int) -> Resume:
+    path, state = find_resumable(path)
+    if state.world_size == world_size:
+        return Resume(path, state, state.tag, universal=False)
+    log.warning("resuming %s written by %d workers on %d workers: converting it to DeepSpeed's universal format",
+                path.name, state.world_size, world_size)
+    return Resume(path, state, ensure_universal(path, state), universal=True)
+
+
+def pick_checkpoint(checkpoint, *, world_size: int, rank: int) -> Resume | None:
+    """The checkpoint to resume (Ray's latest, or an older complete one), the same on every rank.
+
+    Collective. On storage every worker sees (a local or network file system) rank 0 validates,
+    converts if the world size changed, and broadcasts its decision. On remote object storage each
+    rank downloads the latest checkpoint and makes the same deterministic decision on its copy.
+    """
+    if checkpoint is None:
+        return None
+    import pyarrow.fs
+    import torch.distributed as dist
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        box: list = [None]
+        if rank == 0:
+            try:
+                box[0] = _decide(Path(checkpoint.path), world_size)
+            except CheckpointError as e:  # every rank must leave the collective, then fail alike
+                box[0] = e
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+    local = Path(checkpoint.to_directory())
+    return _decide(local, world_size)
+
+
+def export_final(model, tokenizer, out_dir: Path, *, rank: int, extra: dict) -> None:
+    """Export the trained model to ``out_dir`` (PEFT adapter, projector, tokenizer, llara_config.json).
+
+    Collective: ``save_export`` gathers each trainable tensor from its ZeRO-3 partitions (that is
+    what keeps the adapter's tensors at their real shapes rather than the empty ``Size([0])`` of an
+    ungathered save, DeepSpeed #4295 / PEFT #453), and rank 0 writes. The export goes to a sibling
+    directory that is renamed into place, so ``final/`` is always a whole export.
+    """
+    import torch.distributed as dist
+
+    from llara_dist.model.llara import save_export
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_export(model, tokenizer, tmp, extra)
+    if rank == 0:
+        old = out_dir.with_name(out_dir.name + ".old")
+        if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()

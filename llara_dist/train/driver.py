@@ -1,0 +1,215 @@
+"""`llara-dist train`: check the inputs, connect to Ray, put the item table in the object store once,
+and run the per-worker loop (`worker.py`) under a Ray Train ``TorchTrainer``.
+
+The driver only assembles; all per-worker work is in the train function. Everything that can be
+checked before workers start is checked here, so bad input fails in seconds with one message
+instead of minutes later inside a worker.
+
+Run directory::
+
+    RUN/config.yaml          the fully resolved config (`--config RUN/config.yaml` resumes the run)
+    RUN/metrics.jsonl        one JSON object per report (step, loss, lr, hybrid share, ...)
+    RUN/tb/                  TensorBoard
+    RUN/checkpoints/         Ray Train's run directory: step_NNNNNNNN/ DeepSpeed checkpoints
+    RUN/final/               adapter/ (PEFT), projector.safetensors, llara_config.json, tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llara_dist.config import Config, save_config, worker_range
+from llara_dist.errors import CheckpointError, ConfigError, DataError, LlaraError
+
+
+@dataclass
+class TrainPlan:
+    run_dir: Path
+    total_steps: int
+    steps_per_epoch: int
+    hidden_size: int
+    storage_path: str
+    name: str
+
+
+def _hidden_size(cfg: Config) -> int:
+    if cfg.model.name_or_path == "tiny":
+        return cfg.model.tiny.hidden_size
+    path = Path(cfg.model.name_or_path)
+    if not path.is_dir():
+        raise ConfigError(f"model.name_or_path: {path} does not exist (expected \"tiny\" or a local "
+                          "Hugging Face model directory with config.json)")
+    config_json = path / "config.json"
+    if not config_json.is_file():
+        raise ConfigError(f"model.name_or_path: {config_json} not found (not a Hugging Face model directory)")
+    tree = json.loads(config_json.read_text())
+    hidden = tree.get("hidden_size") or tree.get("n_embd") or tree.get("d_model")
+    if not hidden:
+        raise ConfigError(f"{config_json}: no hidden_size")
+    return int(hidden)
+
+
+def plan_run(cfg: Config, meta: dict) -> TrainPlan:
+    """Step counts, storage location and model width; raises on anything inconsistent."""
+    run_dir = Path(cfg.run_dir).resolve()
+    _, max_workers = worker_range(cfg)
+    n_train = int(meta["counts"]["train"])
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    # With elastic scaling the world size is only known inside the workers; epochs are counted at
+    # the largest world size (the run's intended effective batch).
+    batches_per_epoch = n_train // (max_workers * cfg.train.micro_batch_size)
+    steps_per_epoch = batches_per_epoch // cfg.train.grad_accum
+    if steps_per_epoch < 1:
+        raise DataError(f"{cfg.data.shards}: {n_train} train samples are fewer than one optimiser step needs "
+                        f"({max_workers} workers x train.micro_batch_size {cfg.train.micro_batch_size} x "
+                        f"train.grad_accum {cfg.train.grad_accum} = {max_workers * per_step})")
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    if cfg.ray.storage_path:
+        storage, name = cfg.ray.storage_path, cfg.ray.name or run_dir.name
+    else:
+        storage, name = str(run_dir), cfg.ray.name or "checkpoints"
+    return TrainPlan(run_dir, total, steps_per_epoch, _hidden_size(cfg), storage, name)
+
+
+def preflight(cfg: Config) -> tuple[TrainPlan, "object", dict]:
+    """Every check that needs no worker: shards, item table vs shards, model path, DS config, resume."""
+    from llara_dist.data.shards import load_meta
+    from llara_dist.recommender.table import load_item_table
+    from llara_dist.train.ds_config import build_ds_config
+
+    meta = load_meta(cfg.data.shards)
+    table, rec_meta = load_item_table(cfg.train.rec_dir, meta)
+    plan = plan_run(cfg, meta)
+    lo, hi = worker_range(cfg)
+    for world in sorted({lo, hi}):  # batch size depends on the world size: check both ends
+        build_ds_config(cfg, world_size=world, total_steps=plan.total_steps, hidden_size=plan.hidden_size)
+    _check_resume_matches(plan, meta, cfg.data.shards)
+    return plan, table, rec_meta
+
+
+def _check_resume_matches(plan: TrainPlan, meta: dict, shards: str) -> None:
+    """A run directory continued with other data would silently train on the wrong samples."""
+    from llara_dist.train.checkpoint import STATE_FILE, step_dirs
+
+    ckpt_root = Path(plan.storage_path) / plan.name
+    if "://" in plan.storage_path:
+        return  # remote storage: the workers check the checkpoint they download
+    for path in step_dirs(ckpt_root):
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            continue
+        saved = json.loads(state_file.read_text()).get("extra", {}).get("shards_fingerprint")
+        if saved and meta.get("fingerprint") and saved != meta["fingerprint"]:
+            raise DataError(f"{path}: this run was trained on shards with fingerprint {saved[:12]}..., but "
+                            f"data.shards ({shards}) has {meta['fingerprint'][:12]}...; "
+                            "point data.shards at the original data or use a new --run-dir")
+        return
+
+
+def _connect_ray(cfg: Config) -> bool:
+    """Connect to a running cluster (config, $RAY_ADDRESS) or start a local one; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
+    if not cfg.scaling.use_gpu:
+        env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    if address:
+        # Inside `ray job submit` the job's runtime_env already applies; adding one would conflict.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local": never attach to some other cluster this machine happens to run (ray.init()
+        # without an address would join the last one `ray start` created).
+        ray.init(address="local", runtime_env=env, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def run_train(cfg: Config) -> dict:
+    """Train (or resume) the run in ``cfg.run_dir``; returns the final reported metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llara_dist.train.worker import train_loop_per_worker
+
+    plan, table, rec_meta = preflight(cfg)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"run_dir": str(plan.run_dir)})
+    save_config(cfg, plan.run_dir / "config.yaml")
+    print(f"llara-dist train: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), run dir {plan.run_dir}",
+          flush=True)
+
+    started = _connect_ray(cfg)
+    try:
+        item_table = ray.put(table)  # once; every worker maps the same shared-memory copy
+        del table
+        lo, hi = worker_range(cfg)
+        scaling = ScalingConfig(
+            num_workers=lo if lo == hi else (lo, hi),
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=dict(cfg.scaling.resources_per_worker),
+            **({} if lo == hi else {"elastic_resize_monitor_interval_s": cfg.scaling.elastic_resize_monitor_interval_s}),
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": cfg.model_dump(mode="json"),
+                "item_table": item_table,
+                "use_gpu": cfg.scaling.use_gpu,
+                "plan": {"run_dir": str(plan.run_dir), "total_steps": plan.total_steps,
+                         "hidden_size": plan.hidden_size},
+            },
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            scaling_config=scaling,
+            run_config=RunConfig(
+                name=plan.name,
+                storage_path=plan.storage_path,
+                failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001  (re-raised; user input errors keep their one-line form)
+            user_error = _find_user_error(e)
+            if user_error is not None:
+                raise user_error from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+    final = plan.run_dir / "final"
+    if cfg.train.stop_after_steps and cfg.train.stop_after_steps < plan.total_steps:
+        print(f"llara-dist train: stopped at step {cfg.train.stop_after_steps} of {plan.total_steps} "
+              "(train.stop_after_steps); run the same command again to continue", flush=True)
+        return dict(result.metrics or {})
+    if not (final / "llara_config.json").is_file():
+        raise CheckpointError(f"{final}: training finished but no export was written")
+    print(f"llara-dist train: done; export in {final}", flush=True)
+    return dict(result.metrics or {})
+
+
+def _find_user_error(exc: BaseException) -> LlaraError | None:
+    """The LlaraError a worker raised, if that is what failed the run (Ray wraps worker exceptions)."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, LlaraError):
+            return e
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        for attr in ("worker_failures", "errors"):
+            value = getattr(e, attr, None)
+            if isinstance(value, dict):
+                stack.extend(v for v in value.values() if isinstance(v, BaseException))
+            elif isinstance(value, (list, tuple)):
+                stack.extend(v for v in value if isinstance(v, BaseException))
+    return None
