@@ -74,6 +74,8 @@ def prepare_shards(data: Interactions, p: PrepareConfig, out: Path, *, progress:
         "counts": {s: len(samples[s]) for s in SPLITS},
         "shards": shards,
         "filtered": {**data.filtered, **dropped},
+        # Items repeating another item's title: generated text naming such a title is ambiguous.
+        "duplicate_titles": len(data.titles) - len(set(data.titles)),
         "fingerprint": _fingerprint(items, shards, settings),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -85,6 +87,8 @@ def _summary(meta: dict, out: Path) -> str:
             ("items", meta["n_items"])]
     rows += [(f"{s} samples", f"{meta['counts'][s]} in {len(meta['shards'][s])} shard(s)") for s in SPLITS]
     rows += [(f"dropped: {k}", v) for k, v in meta["filtered"].items()]
+    if meta["duplicate_titles"]:
+        rows.append(("items with a duplicate title", meta["duplicate_titles"]))
     rows += [("fingerprint", meta["fingerprint"][:16]), ("output", str(out))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -166,7 +166,7 @@ def test_recbole_format_orders_by_time_with_stable_ties(tmp_path):
     titles = load_titles(out)
     # dense ids: items sorted numerically by raw id (2,3,4,5,6,7,10); titles normalised
     assert titles == ["Heat", "Alien", "Brazil", "Fargo", "Memento", "Psycho", "The Usual Suspects"]
-    assert meta["n_users"] == 2 and meta["domain"] == "movie"
+    assert meta["n_users"] == 2 and meta["domain"] == "movie" and meta["duplicate_titles"] == 0
     test = {s["user"]: s for s in read_split(out, "test")}
     # user 0 (raw "1"): 2(t10) 3(t20) 4(t20) 4(t30) 10(t40) 5(t50) 6(t60) -> ids 0 1 2 2 6 3 4
     assert test[0]["history"] == [0, 1, 2, 2, 6, 3] and test[0]["target"] == 4
@@ -289,3 +289,4 @@ def test_movielens_100k_recbole(tmp_path):
     # every interaction but each user's first is a target, kept or dropped for a short history
     assert sum(meta["counts"].values()) + meta["filtered"]["short_history_samples"] == 100_000 - 943
     assert "The Usual Suspects" in load_titles(tmp_path / "ml")
+    assert meta["duplicate_titles"] == 23  # e.g. two "Sabrina"s
