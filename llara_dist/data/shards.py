@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -156,6 +157,27 @@ def read_shard_bytes(shard_dir: str | Path, entry: dict) -> bytes:
         raise DataError(f"{path}: corrupt shard: sha256 does not match meta.json (the file is truncated, "
                         "damaged or was modified after prepare; re-run `llara-dist prepare`)")
     return data
+
+
+def check_shards(shard_dir: str | Path, split: str, *, skip_corrupt: bool = False) -> tuple[list[dict], list[str]]:
+    """(usable shard entries, names of skipped shards) of a split, each checked against its sha256.
+
+    A damaged shard raises `DataError` naming it, or with `skip_corrupt` is skipped with a warning.
+    Cheap enough (one sequential read) to call on the driver before any worker starts.
+    """
+    meta = load_meta(shard_dir)
+    good, skipped = [], []
+    for entry in meta["shards"][split]:
+        try:
+            read_shard_bytes(shard_dir, entry)
+        except DataError as e:
+            if not skip_corrupt:
+                raise DataError(f"{e} (set data.skip_corrupt=true to skip damaged shards)") from None
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            skipped.append(entry["name"])
+            continue
+        good.append(entry)
+    return good, skipped
 
 
 def shard_records(name: str, data: bytes) -> Iterator[tuple[str, bytes]]:

@@ -21,7 +21,6 @@ do not reach the main process: use ``state_after(batches_consumed)`` there.
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from llara_dist.data.samples import train_candidates
-from llara_dist.data.shards import decode_sample, load_meta, read_shard_bytes, shard_records
+from llara_dist.data.shards import check_shards, decode_sample, load_meta, read_shard_bytes, shard_records
 from llara_dist.errors import DataError
 
 
@@ -64,20 +63,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.seed, self.buffer_size, self.num_candidates = seed, shuffle_buffer, num_candidates
         if num_candidates > self.n_items:
             raise DataError(f"num_candidates={num_candidates} exceeds the {self.n_items} items of {self.shard_dir}")
-        # Check every shard up front (sha256 against meta.json): a damaged shard is named before
-        # training starts, or skipped by every rank alike, so batch counts still agree.
-        self.entries: list[dict] = []
-        self.skipped_shards: list[str] = []
-        for entry in meta["shards"]["train"]:
-            try:
-                read_shard_bytes(self.shard_dir, entry)
-            except DataError as e:
-                if not skip_corrupt:
-                    raise DataError(f"{e} (set data.skip_corrupt=true to skip damaged shards)") from None
-                warnings.warn(f"skipping {e}", stacklevel=2)
-                self.skipped_shards.append(entry["name"])
-                continue
-            self.entries.append(entry)
+        # Every shard is checked up front: a damaged one is named before training starts, or
+        # skipped by every rank alike (they all see the same files), so batch counts still agree.
+        self.entries, self.skipped_shards = check_shards(self.shard_dir, "train", skip_corrupt=skip_corrupt)
         self.num_samples = sum(e["samples"] for e in self.entries)
         if self.batches_per_epoch == 0:
             raise DataError(f"{self.shard_dir}: {self.num_samples} train samples are fewer than one global batch "

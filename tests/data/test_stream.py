@@ -11,7 +11,7 @@ from itertools import islice
 import pytest
 import torch
 
-from llara_dist.data.shards import load_meta, read_split, tar_bytes
+from llara_dist.data.shards import check_shards, load_meta, read_split, tar_bytes
 from llara_dist.data.stream import TrainStream
 from llara_dist.errors import DataError
 
@@ -149,6 +149,8 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(tiny_shards, tmp_path):
     with pytest.warns(UserWarning, match=bad["name"]):
         ranks = [_stream(d, r, 2, skip_corrupt=True) for r in range(2)]
     assert all(r.skipped_shards == [bad["name"]] for r in ranks)
+    with pytest.raises(DataError, match=bad["name"]):  # the driver's up-front check
+        check_shards(d, "train")
     assert ranks[0].num_samples == meta["counts"]["train"] - bad["samples"]
     parts = [_keys(_epoch(r)) for r in ranks]
     assert len(parts[0]) == len(parts[1]) == ranks[0].batches_per_epoch
