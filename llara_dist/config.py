@@ -40,6 +40,10 @@ class PrepareConfig(_Section):
     num_candidates: int = Field(20, ge=2)
     samples_per_shard: int = Field(2000, ge=1)
     drop_unknown: bool = False
+    # recbole only: column names when the files use unusual ones (default: detected, e.g. item_id /
+    # product_id / artist_id, and movie_title / title / app_name / name)
+    item_field: str | None = None
+    title_field: str | None = None
     domain: Literal["movie", "game", "artist"] | None = None  # default: from the source
     seed: int = 0  # fixes the synthetic data and the valid/test candidates
 

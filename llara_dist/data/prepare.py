@@ -22,7 +22,7 @@ def load_source(p: PrepareConfig) -> Interactions:
     if not p.input:
         raise DataError(f"prepare.input: --format {p.format} needs --input DIR")
     if p.format == "recbole":
-        return load_recbole(p.input, drop_unknown=p.drop_unknown)
+        return load_recbole(p.input, drop_unknown=p.drop_unknown, item_field=p.item_field, title_field=p.title_field)
     return load_grouplens(p.input, drop_unknown=p.drop_unknown)
 
 

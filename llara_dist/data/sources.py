@@ -100,7 +100,9 @@ def _attach_titles(rows, titles_by_raw: dict[str, str], drop_unknown: bool, inte
 # ----------------------------------------------------------------------------------------------
 # RecBole atomic files
 
-_TITLE_FIELDS = ("movie_title", "title", "app_name", "artist_name", "name", "item_name")
+# RecBole's names for the item id (MovieLens/Amazon, Steam, LastFM, Yelp, ...) and the title.
+_ITEM_FIELDS = ("item_id", "product_id", "artist_id", "track_id", "business_id", "book_id", "anime_id")
+_TITLE_FIELDS = ("movie_title", "title", "app_name", "artist_name", "name", "item_name", "book_title")
 
 
 def _one_file(directory: Path, pattern: str) -> Path:
@@ -154,15 +156,19 @@ def _guess_domain(name: str) -> str:
     return "movie"
 
 
-def load_recbole(directory: str | Path, *, drop_unknown: bool = False) -> Interactions:
+def load_recbole(directory: str | Path, *, drop_unknown: bool = False, item_field: str | None = None,
+                 title_field: str | None = None) -> Interactions:
+    """Read ``*.inter`` and ``*.item``; `item_field` / `title_field` override the detected columns."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: input directory not found")
     inter_file, item_file = _one_file(directory, "*.inter"), _one_file(directory, "*.item")
 
     header, rows = _read_atomic(item_file)
-    id_col = _column(header, ("item_id",), item_file, "item id")
-    title_col = _column(header, _TITLE_FIELDS, item_file, "title")
+    item_names = (item_field,) if item_field else _ITEM_FIELDS
+    id_col = _column(header, item_names, item_file, "item id")
+    item_field = header[id_col]  # the .inter file must use the same name
+    title_col = _column(header, (title_field,) if title_field else _TITLE_FIELDS, item_file, "title")
     titles_by_raw = {}
     for _, fields in rows:
         title = normalize_title(fields[title_col])
@@ -171,7 +177,7 @@ def load_recbole(directory: str | Path, *, drop_unknown: bool = False) -> Intera
 
     header, rows = _read_atomic(inter_file)
     u_col = _column(header, ("user_id",), inter_file, "user id")
-    i_col = _column(header, ("item_id",), inter_file, "item id")
+    i_col = _column(header, (item_field,), inter_file, "item id")
     t_col = _column(header, ("timestamp",), inter_file, "timestamp")
     events, lines = [], []
     for n, fields in rows:

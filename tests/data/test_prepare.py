@@ -172,6 +172,24 @@ def test_recbole_format_orders_by_time_with_stable_ties(tmp_path):
     assert test[0]["history"] == [0, 1, 2, 2, 6, 3] and test[0]["target"] == 4
 
 
+def test_recbole_steam_style_columns_and_explicit_fields(tmp_path):
+    rows = [("u1", f"g{i}", i) for i in range(5)] + [("u2", f"g{i}", 10 - i) for i in range(5)]
+    inter = "user_id:token\tproduct_id:token\ttimestamp:float\n" + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows)
+    item = "product_id:token\tapp_name:token_seq\tlabel:token\n" + "".join(
+        f"g{i}\tGame {i}\tOther {i}\n" for i in range(5))
+    (tmp_path / "rb").mkdir()
+    (tmp_path / "rb" / "steam.inter").write_text(inter)
+    (tmp_path / "rb" / "steam.item").write_text(item)
+    base = ("prepare.format=recbole", f"prepare.input={tmp_path / 'rb'}", "prepare.num_candidates=2",
+            "prepare.history_len=2", "prepare.min_history=1")
+    meta = _prepare(tmp_path / "a", *base)
+    assert meta["domain"] == "game" and load_titles(tmp_path / "a") == [f"Game {i}" for i in range(5)]
+    _prepare(tmp_path / "b", *base, "prepare.title_field=label")
+    assert load_titles(tmp_path / "b") == [f"Other {i}" for i in range(5)]
+    with pytest.raises(DataError, match=r"steam.item: missing item id column \(expected one of sku"):
+        _prepare(tmp_path / "c", *base, "prepare.item_field=sku")
+
+
 def test_grouplens_format(tmp_path):
     d = tmp_path / "ml"
     d.mkdir()
