@@ -173,6 +173,9 @@ class EvalConfig(_Section):
     decoding: Literal["free", "constrained", "score"] = "free"
     max_new_tokens: int = Field(64, ge=1)
     max_samples: int | None = Field(None, ge=1)
+    # score decoding: rank by the mean instead of the sum of the title's token log-probabilities
+    # (the sum favours short titles; the mean favours titles whose later tokens are predictable).
+    length_norm: bool = False
 
 
 class Config(_Section):

@@ -1,0 +1,347 @@
+"""`llara-dist eval`: evaluate an exported LLaRA model on a split's stored candidates with Ray workers.
+
+Each Ray task loads the export, takes a disjoint strided part of the split (sample ``i`` goes to
+worker ``i % W``), and decodes it in batches; the driver gathers the rows, puts them back in stored
+order and writes ``metrics.json`` and ``predictions.csv``. Plain inference needs no ZeRO-3 (each
+worker holds the whole model), so workers never wait on each other and nothing can deadlock; the
+ZeRO-3 case (validation inside training) is ``llara_dist.eval.validation``.
+
+Three decodings (``eval.decoding``): ``free`` (the paper's protocol: greedy, first line, matched
+against the candidate titles), ``constrained`` (greedy restricted to the candidate titles by a
+prefix trie) and ``score`` (candidates ranked by the likelihood of their title; adds HR@5 and
+NDCG@5/@10). The recommender and popularity are scored on the very same candidates.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from llara_dist.config import Config
+from llara_dist.errors import CheckpointError, ConfigError
+from llara_dist.eval.decoding import CandidateTrie, greedy_decode, score_sequences
+from llara_dist.eval.metrics import generation_metrics, match_answer, ranking_metrics
+
+PREDICTION_COLUMNS = ["key", "user", "target", "target_title", "candidates", "generated", "matched", "valid",
+                      "correct"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What decides one sample's result (everything else, e.g. worker count, must not)."""
+
+    prompt: str = "hybrid"  # hybrid | text
+    decoding: str = "free"  # free | constrained | score
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    max_length: int = 1024
+    domain: str = "movie"
+    seed: int = 0  # prompt template choice
+    length_norm: bool = False  # score decoding: mean instead of summed token log-probability
+
+
+# ----------------------------------------------------------------------------------------------
+# The model side: tokens of an answer, stop tokens, the causal LM inside LlaraModel
+
+
+def answer_token_ids(tokenizer, title: str) -> list[int]:
+    """The tokens training puts after the prompt for ``title``, ending with EOS.
+
+    Mirrors ``TrainCollator``: the answer is tokenised on its own (no special tokens) and EOS
+    appended, so the trie and the scores see exactly the sequences the model was trained on.
+    """
+    return list(tokenizer(title, add_special_tokens=False)["input_ids"]) + [int(tokenizer.eos_token_id)]
+
+
+@functools.lru_cache(maxsize=8)
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """EOS plus every token whose text contains a newline (the answer is the first line)."""
+    ids = {int(tokenizer.eos_token_id)}
+    for i in range(len(tokenizer)):
+        if "\n" in tokenizer.decode([i]):
+            ids.add(i)
+    return tuple(sorted(ids))
+
+
+def causal_lm(model) -> torch.nn.Module:
+    """The (PEFT-wrapped) causal LM of a ``LlaraModel``: what ``decoding`` drives with embeddings."""
+    return model.lm
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# One worker's job: samples in, one result row per sample out
+
+
+def evaluate_samples(
+    model,
+    tokenizer,
+    samples: Sequence[dict],
+    titles: Sequence[str],
+    item_table: torch.Tensor,
+    settings: EvalSettings,
+    *,
+    all_done: Callable[[bool], bool] | None = None,
+    progress: str | None = None,
+) -> list[dict]:
+    """Decode ``samples`` in batches of ``settings.batch_size``; one row per sample (stored order).
+
+    Rows carry ``key, user, target, target_title, candidates, generated, matched, valid, correct``
+    and, for score decoding, ``scores`` (one per candidate). ``all_done`` is passed to the decoder
+    so ZeRO-3 ranks keep stepping together (see ``validation``).
+    """
+    from llara_dist.data.collate import GenerationCollator
+    from llara_dist.data.prompts import build_prompt
+
+    collator = GenerationCollator(tokenizer, settings.max_length)
+    lm = causal_lm(model)
+    device = _device(model)
+    item_table = item_table.to(device)
+    stops = stop_token_ids(tokenizer)
+    pad_id = int(tokenizer.pad_token_id)
+    eos_id = int(tokenizer.eos_token_id)
+    answers: dict[int, list[int]] = {}  # item id -> answer tokens (+EOS), tokenised once
+
+    def answer(item: int) -> list[int]:
+        if item not in answers:
+            answers[item] = answer_token_ids(tokenizer, titles[item])
+        return answers[item]
+
+    rows: list[dict] = []
+    batches = range(0, len(samples), settings.batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=progress, unit="batch", mininterval=5)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in batches:
+            chunk = samples[start:start + settings.batch_size]
+            prompts = [build_prompt(s, titles, mode=settings.prompt, domain=settings.domain, seed=settings.seed)
+                       for s in chunk]
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(prompts).items()}
+            with torch.no_grad():
+                embeds = model.embed(batch["input_ids"], batch["slots"], batch["batch_items"], item_table)
+            mask = batch["attention_mask"]
+            if settings.decoding == "score":
+                for b, s in enumerate(chunk):
+                    seqs = [answer(c) for c in s["candidates"]]
+                    scores = score_sequences(lm, embeds[b][mask[b].bool()], seqs, pad_id=pad_id,
+                                             length_norm=settings.length_norm)
+                    best = s["candidates"][int(np.argmax(scores))]
+                    rows.append(_row(s, titles, titles[best], scores=scores))
+                continue
+            tries = None
+            if settings.decoding == "constrained":
+                tries = [CandidateTrie([answer(c) for c in s["candidates"]]) for s in chunk]
+            out = greedy_decode(lm, embeds, mask, max_new_tokens=settings.max_new_tokens,
+                                stop_ids=[eos_id] if tries else stops, pad_id=pad_id, tries=tries,
+                                all_done=all_done)
+            for s, toks in zip(chunk, out):
+                rows.append(_row(s, titles, first_line(tokenizer.decode(toks, skip_special_tokens=True))))
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def _row(sample: dict, titles: Sequence[str], generated: str, scores: np.ndarray | None = None) -> dict:
+    cand_titles = [titles[c] for c in sample["candidates"]]
+    m = match_answer(generated, cand_titles, titles[sample["target"]])
+    row = {
+        "key": sample["key"],
+        "user": sample.get("user"),
+        "target": sample["target"],
+        "target_title": titles[sample["target"]],
+        "candidates": list(sample["candidates"]),
+        "generated": generated,
+        "matched": m.matched or "",
+        "valid": m.valid,
+        "correct": m.correct,
+    }
+    if scores is not None:
+        row["scores"] = [float(x) for x in scores]
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray: one task per worker, each on its own strided part
+
+
+def _part_limit(n_total: int, rank: int, world: int) -> int:
+    """How many of ``rank``'s strided samples fall among the first ``n_total`` of the split."""
+    return max(0, (n_total - rank + world - 1) // world)
+
+
+def _eval_part(export_dir: str, shard_dir: str, split: str, rank: int, world: int, n_total: int,
+               table: np.ndarray, settings: EvalSettings, threads: int) -> list[tuple[int, dict]]:
+    """Ray task body: evaluate this worker's part; rows tagged with their index in the split."""
+    from llara_dist.data.shards import load_titles, read_split_part
+    from llara_dist.model.llara import load_export
+
+    torch.set_num_threads(max(1, threads))
+    model, tokenizer, _ = load_export(export_dir)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    samples = list(islice(read_split_part(shard_dir, split, rank, world), _part_limit(n_total, rank, world)))
+    with warnings.catch_warnings():  # the table is shared read-only memory; nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        item_table = torch.from_numpy(table)
+    rows = evaluate_samples(model, tokenizer, samples, load_titles(shard_dir), item_table, settings,
+                            progress=f"eval worker {rank}/{world}")
+    return [(rank + j * world, row) for j, row in enumerate(rows)]
+
+
+def gather_rows(parts: Iterable[list[tuple[int, dict]]]) -> list[dict]:
+    """Merge the workers' rows back into stored order (identical for any worker count)."""
+    return [row for _, row in sorted((r for part in parts for r in part), key=lambda t: t[0])]
+
+
+def resolve_export(run_dir: Path, checkpoint: str | None) -> Path:
+    """The export directory to evaluate: ``--checkpoint`` if given, else ``RUN/final``."""
+    path = Path(checkpoint) if checkpoint else run_dir / "final"
+    if (path / "llara_config.json").is_file():
+        return path
+    if checkpoint:
+        try:  # a training checkpoint: the training package knows how to export it
+            from llara_dist.train.checkpoint import export_checkpoint  # type: ignore[attr-defined]
+        except ImportError:
+            export_checkpoint = None
+        if export_checkpoint is not None:
+            return Path(export_checkpoint(path))
+    raise CheckpointError(f"{path}: no llara_config.json; expected an export (RUN/final, written at the end of "
+                          "`llara-dist train`) or a checkpoint directory")
+
+
+def _settings(cfg: Config, domain: str) -> EvalSettings:
+    return EvalSettings(prompt=cfg.eval.prompt, decoding=cfg.eval.decoding, batch_size=cfg.eval.batch_size,
+                        max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
+                        domain=domain, seed=cfg.train.seed, length_norm=cfg.eval.length_norm)
+
+
+def default_out_dir(run_dir: Path, cfg: Config) -> Path:
+    """``RUN/eval/SPLIT`` for the default protocol; non-default prompt/decoding get a suffix."""
+    name = cfg.eval.split
+    if cfg.eval.prompt != "hybrid":
+        name += f"-{cfg.eval.prompt}"
+    if cfg.eval.decoding != "free":
+        name += f"-{cfg.eval.decoding}"
+    return run_dir / "eval" / name
+
+
+def _baseline(scores: np.ndarray, samples: list[dict], **extra) -> dict:
+    targets = [s["candidates"].index(s["target"]) for s in samples]
+    return {**extra, **ranking_metrics(list(scores), targets)}
+
+
+def run_eval(cfg: Config, run_dir: str | Path, out_dir: str | Path | None = None,
+             checkpoint: str | None = None) -> dict:
+    """Evaluate a run on ``cfg.eval.split``; writes metrics.json + predictions.csv, returns the metrics."""
+    import ray
+
+    from llara_dist.data.shards import load_meta, load_titles, read_split
+    from llara_dist.recommender.scoring import popularity_scores, score_candidates
+    from llara_dist.recommender.table import load_item_table
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    export_dir = resolve_export(run_dir, checkpoint)
+    shard_dir, split = cfg.data.shards, cfg.eval.split
+    meta = load_meta(shard_dir)
+    titles = load_titles(shard_dir)
+    samples = list(islice(read_split(shard_dir, split), cfg.eval.max_samples))
+    if not samples:
+        raise ConfigError(f"{shard_dir}: split {split!r} has no samples to evaluate")
+    table, rec_meta = load_item_table(cfg.train.rec_dir, meta)
+    settings = _settings(cfg, cfg.data.domain or meta["domain"])
+    world = min(cfg.eval.num_workers, len(samples))
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                 log_to_driver=True)
+    try:
+        use_gpu = cfg.scaling.use_gpu
+        cpus = float(cfg.scaling.resources_per_worker.get("CPU", 1))
+        task = ray.remote(_eval_part).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
+        table_ref = ray.put(table)
+        futures = [task.remote(str(export_dir), str(shard_dir), split, rank, world, len(samples), table_ref,
+                               settings, int(cpus)) for rank in range(world)]
+        rows = gather_rows(ray.get(futures))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if [r["key"] for r in rows] != [s["key"] for s in samples]:
+        raise RuntimeError("eval workers returned rows that do not match the split's samples")
+
+    if settings.decoding == "score":
+        llara = _baseline(np.array([r["scores"] for r in rows]), samples)
+        llara.update(valid_ratio=1.0, **{"hit_ratio@1_among_valid": llara["hit_ratio@1"]})
+    else:
+        llara = generation_metrics([r["valid"] for r in rows], [r["correct"] for r in rows])
+    metrics = {
+        "split": split,
+        "prompt": settings.prompt,
+        "decoding": settings.decoding,
+        **llara,
+        "recommender": _baseline(score_candidates(cfg.train.rec_dir, samples), samples,
+                                 model=rec_meta.get("model", "recommender")),
+        "popularity": _baseline(popularity_scores(shard_dir, samples), samples),
+        "export": str(export_dir),
+        "shards": str(shard_dir),
+        "workers": world,
+        "batch_size": settings.batch_size,
+        "settings": asdict(settings),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out = Path(out_dir) if out_dir else default_out_dir(run_dir, cfg)
+    write_outputs(out, metrics, rows)
+    print(format_table(metrics))
+    print(f"eval: wrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+def write_outputs(out: Path, metrics: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    columns = PREDICTION_COLUMNS + (["scores"] if rows and "scores" in rows[0] else [])
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([" ".join(map(str, r[c])) if c in ("candidates", "scores") else
+                        int(r[c]) if c in ("valid", "correct") else r[c] for c in columns])
+
+
+def format_table(m: dict) -> str:
+    def ci(d: dict) -> str:
+        lo, hi = d["hit_ratio@1_ci95"]
+        return f"{d['hit_ratio@1']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    lines = [f"{m['split']} split, {m['n']} samples, prompt={m['prompt']}, decoding={m['decoding']}",
+             f"{'model':<14}{'HitRatio@1 [95% CI]':<26}{'ValidRatio':>11}"]
+    lines.append(f"{'LLaRA':<14}{ci(m):<26}{m['valid_ratio']:>11.3f}")
+    lines.append(f"{m['recommender'].get('model', 'recommender'):<14}{ci(m['recommender']):<26}{'-':>11}")
+    lines.append(f"{'popularity':<14}{ci(m['popularity']):<26}{'-':>11}")
+    return "\n".join(lines)
