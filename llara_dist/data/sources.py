@@ -62,7 +62,7 @@ def normalize_title(raw: str) -> str:
 def _sorted_raw_ids(raw_ids) -> list[str]:
     ids = list(raw_ids)
     if all(re.fullmatch(r"-?\d+", i) for i in ids):
-        return sorted(ids, key=int)
+        return sorted(ids, key=lambda i: (int(i), i))  # "007" and "7" stay distinct, in a fixed order
     return sorted(ids)
 
 
@@ -169,11 +169,15 @@ def load_recbole(directory: str | Path, *, drop_unknown: bool = False, item_fiel
     id_col = _column(header, item_names, item_file, "item id")
     item_field = header[id_col]  # the .inter file must use the same name
     title_col = _column(header, (title_field,) if title_field else _TITLE_FIELDS, item_file, "title")
-    titles_by_raw = {}
-    for _, fields in rows:
+    titles_by_raw, first_line = {}, {}
+    for n, fields in rows:
+        raw = fields[id_col]
+        if raw in first_line:
+            raise DataError(f"{item_file}:{n}: item {raw!r} is listed twice (first on line {first_line[raw]})")
+        first_line[raw] = n
         title = normalize_title(fields[title_col])
         if title:  # an empty title counts as "no title"
-            titles_by_raw[fields[id_col]] = title
+            titles_by_raw[raw] = title
 
     header, rows = _read_atomic(inter_file)
     u_col = _column(header, ("user_id",), inter_file, "user id")

@@ -190,6 +190,31 @@ def test_recbole_steam_style_columns_and_explicit_fields(tmp_path):
         _prepare(tmp_path / "c", *base, "prepare.item_field=sku")
 
 
+def test_prepare_does_not_depend_on_the_hash_seed(tmp_path):
+    """String ids pass through sets and dicts: the shards must not change with PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+
+    # numeric ids that differ only in leading zeros ("7", "07", "007") must keep one fixed order
+    users = ["7", "07", "007", "1", "2", "3", "4"]
+    item_ids = [str(i) for i in range(20)] + ["05", "005", "0"]
+    item_ids[0] = "00"
+    rows = [(users[u % 7], item_ids[(u * 5 + k) % 23], k + u) for u in range(30) for k in range(6)]
+    items = "item_id:token\ttitle:token_seq\n" + "".join(f"{i}\tTitle {i}\n" for i in item_ids)
+    src = _write_recbole(tmp_path / "rb", _inter(rows), items)
+    fingerprints = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"out{hash_seed}"
+        code = ("from llara_dist.config import load_config; from llara_dist.data.prepare import run_prepare; "
+                f"run_prepare(load_config(None, ['prepare.format=recbole', 'prepare.input={src}', "
+                f"'prepare.out={out}', 'prepare.num_candidates=5']))")
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        fingerprints.append(load_meta(out)["fingerprint"])
+    assert fingerprints[0] == fingerprints[1]
+
+
 def test_grouplens_format(tmp_path):
     d = tmp_path / "ml"
     d.mkdir()
@@ -213,6 +238,7 @@ def test_grouplens_format(tmp_path):
     (_inter([("1", "2", 1), ("1", "3", 2)]) + "1\t4\t5\n", _ITEMS, "toy.inter:4: expected 4 tab-separated"),
     (_inter([("1", "2", 1), ("1", "3", "soon")]), _ITEMS, "toy.inter:3: timestamp: expected a number"),
     (_inter([("1", "2", 1), ("1", "99", 2)]), _ITEMS, "toy.inter:3: item '99' has no title"),
+    (_inter([("1", "2", 1)]), _ITEMS + "3\tAlien again\t1979\n", "toy.item:9: item '3' is listed twice"),
 ])
 def test_recbole_bad_input_errors(tmp_path, inter, item, message):
     d = tmp_path / "rb"
