@@ -33,7 +33,7 @@ from llara_dist.data.shards import check_shards, decode_sample, load_meta, read_
 from llara_dist.errors import DataError
 
 
-def shuffle_buffer(records: Iterator, size: int, rng: random.Random) -> Iterator:
+def buffered_shuffle(records: Iterator, size: int, rng: random.Random) -> Iterator:
     """Seeded buffered shuffle (as WebDataset's, but with an explicit generator for exact replay)."""
     buf: list = []
     for r in records:
@@ -123,7 +123,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 for _, raw in shard_records(entry["name"], data):
                     yield entry["name"], raw
 
-        return shuffle_buffer(records(), self.buffer_size, buffer_rng)
+        return buffered_shuffle(records(), self.buffer_size, buffer_rng)
 
     def _rank_slices(self, epoch: int, offset: int) -> Iterator[list[tuple[str, bytes]]]:
         """This rank's raw slice of every full global batch from `offset` to the end of the epoch."""
