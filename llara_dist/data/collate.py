@@ -8,6 +8,7 @@ indexed op, without searching the token ids on the GPU.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,7 @@ class _Collator:
         if any(i is None or i == tokenizer.unk_token_id for i in ids):
             raise ValueError("the tokenizer lacks the placeholder tokens; call prepare_tokenizer(tokenizer) first")
         self.history_id, self.candidate_id, self.text_id = ids
+        self.truncated = 0  # prompts shortened to fit max_length (see _fit)
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
         if self.pad_id is None or self.eos_id is None:
@@ -49,11 +51,26 @@ class _Collator:
                 items[pos] = item
         return items
 
-    def _check_length(self, prompt: Prompt, n: int) -> None:
-        if n > self.max_length:
-            # Truncating would cut placeholders or the answer; say what to change instead.
-            raise DataError(f"sample {prompt.key!r}: {n} tokens exceed data.max_length={self.max_length} "
-                            "(raise data.max_length or lower prepare.history_len / num_candidates)")
+    def _fit(self, prompt: Prompt, ids: list[int], extra: int) -> tuple[Prompt, list[int]]:
+        """Make prompt + `extra` tokens fit `max_length` by leaving out the oldest history items.
+
+        Cutting tokens instead would split placeholders from their titles or lose the answer. The
+        (rare) shortened prompts are counted in `self.truncated`, with one warning.
+        """
+        if len(ids) + extra <= self.max_length:
+            return prompt, ids
+        for k in range(1, len(prompt.history_parts)):
+            shorter = prompt.without_oldest(k)
+            ids = self.tokenizer(shorter.text, add_special_tokens=True)["input_ids"]
+            if len(ids) + extra <= self.max_length:
+                self.truncated += 1
+                if self.truncated == 1:
+                    warnings.warn(f"sample {prompt.key!r}: left out the {k} oldest history item(s) to fit "
+                                  f"data.max_length={self.max_length}; further cases are only counted "
+                                  "(collator.truncated)", stacklevel=3)
+                return shorter, ids
+        raise DataError(f"sample {prompt.key!r}: {len(ids) + extra} tokens exceed data.max_length={self.max_length} "
+                        "even with one history item (raise data.max_length or lower prepare.num_candidates)")
 
     @staticmethod
     def _slot_map(placeholder_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +89,8 @@ class TrainCollator(_Collator):
         answer_ids = self.tokenizer([p.answer for p in prompts], add_special_tokens=False)["input_ids"]
         rows = []
         for p, ids, ans in zip(prompts, prompt_ids, answer_ids):
+            p, ids = self._fit(p, ids, len(ans) + 1)
             full = ids + ans + [self.eos_id]
-            self._check_length(p, len(full))
             items = self._placeholders(p, ids) + [-1] * (len(ans) + 1)
             labels = [IGNORE_INDEX] * len(ids) + ans + [self.eos_id]
             rows.append((full, items, labels))
@@ -101,7 +118,7 @@ class GenerationCollator(_Collator):
         prompt_ids = self._prompt_ids(prompts)
         rows = []
         for p, ids in zip(prompts, prompt_ids):
-            self._check_length(p, len(ids))
+            p, ids = self._fit(p, ids, 0)
             rows.append((ids, self._placeholders(p, ids)))
         width = max(len(r[0]) for r in rows)
         b = len(rows)

@@ -9,7 +9,7 @@ starts there). The answer is the target title; collation appends the tokenizer's
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from llara_dist.errors import DataError
@@ -60,6 +60,16 @@ class Prompt:
     target: int
     candidates: tuple[int, ...]
     mode: PromptMode = "hybrid"
+    history_parts: tuple[str, ...] = ()  # "Title [HistoryEmb]" per history item, as in `text`
+
+    def without_oldest(self, k: int) -> "Prompt":
+        """The same prompt with its `k` oldest history items (and their placeholders) left out."""
+        if not 0 <= k < len(self.history_parts):
+            raise ValueError(f"can drop 0..{len(self.history_parts) - 1} history items, not {k}")
+        # The history list is the first place a placeholder occurs in every template, so the
+        # first occurrence of the joined list is the one to replace.
+        text = self.text.replace(", ".join(self.history_parts), ", ".join(self.history_parts[k:]), 1)
+        return replace(self, text=text, item_ids=self.item_ids[k:], history_parts=self.history_parts[k:])
 
 
 def template_index(seed: int, key: str) -> int:
@@ -87,10 +97,12 @@ def build_prompt(sample: dict, titles: list[str], *, mode: PromptMode, domain: s
     if "candidates" not in sample:
         raise DataError(f"sample {key!r}: no candidates (draw train candidates with train_candidates first)")
     h_tok, c_tok = (HISTORY_TOKEN, CANDIDATE_TOKEN) if mode == "hybrid" else (TEXT_TOKEN, TEXT_TOKEN)
-    history = ", ".join(f"{_title(titles, i, key)} {h_tok}" for i in sample["history"])
+    history_parts = tuple(f"{_title(titles, i, key)} {h_tok}" for i in sample["history"])
+    history = ", ".join(history_parts)
     candidates = ", ".join(f"{_title(titles, i, key)} {c_tok}" for i in sample["candidates"])
     template = TEMPLATES[domain][template_index(seed, key)]
     text = template.format(history=history, candidates=candidates, n=len(sample["candidates"]))
     return Prompt(text=text, answer=_title(titles, sample["target"], key),
                   item_ids=tuple(sample["history"]) + tuple(sample["candidates"]), key=key,
-                  target=sample["target"], candidates=tuple(sample["candidates"]), mode=mode)
+                  target=sample["target"], candidates=tuple(sample["candidates"]), mode=mode,
+                  history_parts=history_parts)

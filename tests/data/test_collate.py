@@ -121,10 +121,29 @@ def test_text_mode_injects_nothing(data, tokenizer):
         assert batch["batch_items"].numel() == 0
 
 
-def test_too_long_prompt_is_an_error(data, tokenizer):
-    _, titles, train, _ = data
-    prompts = [build_prompt(train[0], titles, mode="hybrid", domain="movie", seed=0)]
-    with pytest.raises(DataError, match="exceed data.max_length=32"):
+def test_too_long_prompts_lose_their_oldest_history_items(data, tokenizer):
+    _, titles, train, test = data
+    sample = next(s for s in train if len(s["history"]) >= 6)
+    prompts = [build_prompt(sample, titles, mode="hybrid", domain="movie", seed=0)]
+    full = TrainCollator(tokenizer, max_length=4096)(prompts)
+    n = int(full["attention_mask"].sum())
+    collate = TrainCollator(tokenizer, max_length=n - 12)  # ~2-3 history items too long
+    with pytest.warns(UserWarning, match="oldest history item"):
+        batch = collate(prompts)
+    assert collate.truncated == 1 and int(batch["attention_mask"].sum()) <= n - 12
+    items = batch["placeholder_items"][0]
+    kept = items[items >= 0].tolist()
+    dropped = len(prompts[0].item_ids) - len(kept)
+    assert 1 <= dropped < len(sample["history"])
+    assert kept == sample["history"][dropped:] + sample["candidates"]  # the oldest ones went
+    lab = batch["labels"][0]
+    assert tokenizer.decode(lab[lab != IGNORE_INDEX].tolist()[:-1]) == prompts[0].answer
+    # generation prompts are fitted the same way
+    gen = GenerationCollator(tokenizer, max_length=n - 20)
+    with pytest.warns(UserWarning):
+        g = gen([build_prompt(sample, titles, mode="text", domain="movie", seed=0)])
+    assert g["input_ids"].shape[1] <= n - 20 and gen.truncated == 1
+    with pytest.raises(DataError, match="exceed data.max_length=32 even with one history item"):
         TrainCollator(tokenizer, max_length=32)(prompts)
 
 
