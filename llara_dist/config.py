@@ -87,6 +87,7 @@ class TinyModelConfig(_Section):
     intermediate_size: int = Field(128, ge=8)
     vocab_size: int = Field(2048, ge=64)  # size of the locally trained tokenizer
     max_position_embeddings: int = Field(2048, ge=64)
+    seed: int = 0  # fixes the random base weights: every rebuild (worker, resume, eval) is identical
 
 
 class ModelConfig(_Section):
@@ -96,6 +97,9 @@ class ModelConfig(_Section):
     projector_hidden: int | None = None  # default: the LLM's hidden size
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
+    # Load a local checkpoint straight into ZeRO-3 partitions (deepspeed.zero.Init) so no rank ever
+    # holds the whole model; needs a stage-3 ds_config. The tiny preset is always built whole.
+    zero_init: bool = False
 
 
 class LoraConfig(_Section):

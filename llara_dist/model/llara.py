@@ -1,0 +1,576 @@
+"""The LLaRA model: a frozen causal LM with LoRA, plus a projector that turns frozen recommender
+item embeddings into LM input embeddings at the `[HistoryEmb]` / `[CansEmb]` placeholders.
+
+    item_table[batch_items] --projector--> rows --inject_embeddings(slots)--> inputs_embeds --LM--> logits
+
+Only the LoRA weights and the projector train. The item table is an input tensor (it comes from
+Ray's object store), never a parameter, so it is neither partitioned nor checkpointed.
+
+ZeRO-3: the model is built as ordinary `nn.Module`s and partitioned later by
+`deepspeed.initialize`; with ``model.zero_init: true`` and a stage-3 DeepSpeed config passed to
+`build_model`, a local checkpoint is instead loaded straight into partitions (each rank holds
+1/world of the weights from the start). Everything that reads weights outside a module's forward
+(new-token rows, exports) gathers them with `deepspeed.zero.GatheredParameters`, which is a
+collective: under ZeRO-3 call those functions on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llara_dist.config import Config, LoraConfig, ModelConfig
+from llara_dist.errors import CheckpointError, ConfigError
+from llara_dist.ops import inject_embeddings
+
+EXPORT_FORMAT = "llara-dist-export"
+EXPORT_SCHEMA_VERSION = 1
+LLARA_CONFIG_NAME = "llara_config.json"
+PROJECTOR_NAME = "projector.safetensors"
+SPECIAL_ROWS_NAME = "special_tokens.safetensors"
+ADAPTER_DIR = "adapter"
+TINY_BASE_DIR = "base"  # the tiny preset's base weights travel with its export (they are small)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _model_dir(model_cfg: ModelConfig) -> Path:
+    """The local checkpoint directory of ``model.name_or_path`` (never a hub download)."""
+    path = Path(model_cfg.name_or_path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"model.name_or_path: {str(path)!r} does not exist; expected 'tiny' or a local Hugging Face "
+            "model directory (config.json, weights, tokenizer files)"
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {path} has no config.json; expected a Hugging Face model directory")
+    return path
+
+
+def load_tokenizer(model_cfg: ModelConfig, titles: Sequence[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model_cfg`` with the LLaRA special tokens and a pad token added.
+
+    ``tiny``: a tokenizer trained locally on the item titles (deterministic); otherwise the local
+    checkpoint's own tokenizer.
+    """
+    from llara_dist.data.tokenizer import build_tiny_tokenizer, prepare_tokenizer
+
+    if model_cfg.name_or_path == "tiny":
+        tokenizer = build_tiny_tokenizer(list(titles), model_cfg.tiny.vocab_size)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(_model_dir(model_cfg), local_files_only=True)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _llara_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    from llara_dist.data.prompts import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_TOKEN
+
+    ids = {}
+    for tok in (HISTORY_TOKEN, CANDIDATE_TOKEN, TEXT_TOKEN):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is None or i == tokenizer.unk_token_id:
+            raise ConfigError(f"tokenizer has no {tok!r} token: pass it through prepare_tokenizer() first")
+        ids[tok] = int(i)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO-3 helpers
+
+
+def _is_partitioned(p: Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _gathered(params: Iterable[Tensor], modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
+    """Full weights inside the block when ZeRO-3 partitioned them (a collective), else a no-op."""
+    params = [p for p in params if _is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _full_shape(p: Tensor) -> torch.Size:
+    return p.ds_shape if _is_partitioned(p) else p.shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Base model and new-token rows
+
+
+def _stable_seed(token: str) -> int:
+    # crc32, not hash(): Python salts str hashes per process.
+    return zlib.crc32(token.encode("utf-8"))
+
+
+@torch.no_grad()
+def _init_new_rows(weight: Tensor, start: int, tokens: Sequence[str]) -> None:
+    """Rows ``start..`` := mean of the old rows + a small per-token seeded perturbation.
+
+    The mean keeps the new tokens' logits and embeddings in the old distribution; the seed per
+    token string makes the rows identical on every rebuild, on every rank, in every process.
+    """
+    old = weight[:start].float()
+    mean, std = old.mean(0), old.std(0)
+    for i, tok in enumerate(tokens):
+        gen = torch.Generator().manual_seed(_stable_seed(tok))
+        noise = torch.randn(weight.shape[1], generator=gen)
+        weight[start + i] = (mean + 0.1 * std * noise).to(weight.dtype)
+
+
+def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, ds_config: dict | None) -> PreTrainedModel:
+    """The frozen base LM with one embedding (and LM-head) row per token of ``tokenizer``."""
+    dtype = getattr(torch, model_cfg.dtype)
+    if model_cfg.name_or_path == "tiny":
+        from llara_dist.model.tiny import build_tiny_llama
+
+        # The tiny base gets a row per token of the tokenizer's own vocabulary (the locally built
+        # one already holds the placeholders); tokens added on top of it later get their rows
+        # through the same resize as a real checkpoint.
+        n_base = min(tokenizer.vocab_size, len(tokenizer))
+        base = build_tiny_llama(model_cfg.tiny, tokenizer, n_base, dtype, model_cfg.attn_implementation)
+    else:
+        path = _model_dir(model_cfg)
+        kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+        if model_cfg.attn_implementation:
+            kwargs["attn_implementation"] = model_cfg.attn_implementation
+        hf_ds = None
+        if ds_config is not None and model_cfg.zero_init and ds_config.get("zero_optimization", {}).get("stage") == 3:
+            # While an HfDeepSpeedConfig is alive, from_pretrained builds under deepspeed.zero.Init
+            # and loads each rank's partition only.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            hf_ds = HfDeepSpeedConfig(ds_config)
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        base._llara_hf_ds_config = hf_ds  # keep it alive: transformers holds only a weak reference
+    base._llara_base_vocab_size = _add_token_rows(base, tokenizer)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    return base
+
+
+def _add_token_rows(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Grow the embeddings to the tokenizer, give the new rows deterministic values; returns the
+    number of rows the checkpoint had."""
+    emb = base.get_input_embeddings()
+    old_n = int(_full_shape(emb.weight)[0])
+    new_n = len(tokenizer)
+    if new_n <= old_n:  # e.g. a checkpoint whose vocabulary is padded beyond its tokenizer
+        return old_n
+    # transformers gathers/re-partitions ZeRO-3 weights itself during the resize.
+    base.resize_token_embeddings(new_n, mean_resizing=False)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(old_n, new_n)))
+    weights = [base.get_input_embeddings().weight]
+    head = base.get_output_embeddings()
+    if head is not None and head.weight is not weights[0]:
+        weights.append(head.weight)
+    with _gathered(weights, modifier_rank=0):
+        for w in weights:
+            _init_new_rows(w, old_n, tokens)
+    return old_n
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Projector(nn.Sequential):
+    """Recommender embedding (d_rec) -> LM embedding (d_model): Linear -> GELU -> Linear."""
+
+    def __init__(self, d_rec: int, d_model: int, hidden: int | None = None):
+        hidden = hidden or d_model
+        super().__init__(nn.Linear(d_rec, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """RoPE positions that start at 0 at each row's first real token (left or right padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def as_item_table(table: Tensor | np.ndarray) -> Tensor:
+    """A tensor view of the frozen item table (a read-only numpy array from Ray's object store)."""
+    if isinstance(table, np.ndarray):
+        with warnings.catch_warnings():
+            # Read-only is fine: the table is only ever indexed, never written.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            return torch.from_numpy(table)
+    return table
+
+
+class LlaraModel(nn.Module):
+    """LoRA-wrapped causal LM (``self.lm``, a `peft.PeftModel`) plus the item ``projector``.
+
+    ``self.lm`` is a regular Hugging Face causal LM: it accepts ``inputs_embeds``,
+    ``attention_mask``, ``position_ids``, ``past_key_values`` and returns ``.logits``; evaluation
+    code may drive it directly with embeddings from :meth:`embed`.
+    """
+
+    def __init__(self, lm: nn.Module, projector: Projector, meta: dict[str, Any]):
+        super().__init__()
+        self.lm = lm
+        self.projector = projector
+        self.meta = meta  # what an export records: model/lora settings, dims, token ids
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.meta["pad_token_id"])
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """Plain token embeddings (works on ZeRO-3 partitioned weights: the module hook gathers)."""
+        return self.lm.get_input_embeddings()(input_ids)
+
+    def project_items(self, batch_items: Tensor, item_table: Tensor | np.ndarray) -> Tensor:
+        """Projected rows ``[N, d_model]`` of the batch's distinct items (only those, not the table)."""
+        table = as_item_table(item_table)
+        feats = table.index_select(0, batch_items.to(table.device, torch.long))
+        first = self.projector[0].weight
+        return self.projector(feats.to(first.device, first.dtype))
+
+    def embed(self, input_ids: Tensor, slots: Tensor, batch_items: Tensor, item_table: Tensor | np.ndarray) -> Tensor:
+        """``inputs_embeds [B, L, D]``: token embeddings with projected items at the placeholders.
+
+        A text batch (``batch_items`` empty) injects nothing and never touches the projector.
+        """
+        embeds = self.embed_tokens(input_ids)
+        if batch_items.numel() == 0:
+            return embeds
+        rows = self.project_items(batch_items, item_table).to(embeds.dtype)
+        return inject_embeddings(embeds, slots.to(embeds.device), rows)
+
+    # -- training --------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, slots: Tensor, batch_items: Tensor,
+                item_table: Tensor | np.ndarray, labels: Tensor | None = None) -> CausalLMOutputWithPast:
+        """Logits (and the mean next-token loss over ``labels != -100`` when labels are given)."""
+        embeds = self.embed(input_ids, slots, batch_items, item_table)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask,
+                        position_ids=positions_from_mask(attention_mask), labels=labels, use_cache=False)
+
+    def lm_logits(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits ``[B, L, V]`` of the LM for ready-made embeddings (any padding side)."""
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        position_ids=positions_from_mask(attention_mask), use_cache=False).logits
+
+    # -- inference -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def continuation_logprobs(self, input_ids: Tensor, attention_mask: Tensor, slots: Tensor,
+                              batch_items: Tensor, item_table: Tensor | np.ndarray,
+                              continuations: Sequence[Sequence[int]]) -> Tensor:
+        """Sum of log p(continuation tokens | prompt) per row, for left-padded prompts ``[B, L]``.
+
+        Row ``b`` is scored with ``continuations[b]`` (e.g. a candidate title's tokens + EOS);
+        repeat a prompt once per candidate to score several.
+        """
+        if len(continuations) != input_ids.shape[0]:
+            raise ValueError(f"continuation_logprobs: {len(continuations)} continuations for {input_ids.shape[0]} prompts")
+        device = input_ids.device
+        width = max((len(c) for c in continuations), default=0)
+        cont = torch.full((len(continuations), width), self.pad_token_id, dtype=torch.long, device=device)
+        cont_mask = torch.zeros_like(cont)
+        for b, c in enumerate(continuations):
+            cont[b, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+            cont_mask[b, : len(c)] = 1
+        prompt = self.embed(input_ids, slots, batch_items, item_table)
+        embeds = torch.cat([prompt, self.embed_tokens(cont).to(prompt.dtype)], dim=1)
+        mask = torch.cat([attention_mask.to(cont_mask.dtype), cont_mask], dim=1)
+        plen = input_ids.shape[1]
+        # Token t of the continuation is predicted at position plen - 1 + t.
+        logits = self.lm_logits(embeds, mask)[:, plen - 1: plen - 1 + width].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, cont.unsqueeze(-1)).squeeze(-1)
+        return (logp * cont_mask).sum(-1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, slots: Tensor, batch_items: Tensor,
+                 item_table: Tensor | np.ndarray, max_new_tokens: int, stop_token_ids: Sequence[int],
+                 sync_ranks: bool | None = None) -> list[list[int]]:
+        """Greedy decoding from the injected prompt embeddings (left-padded ``[B, L]``).
+
+        Returns each row's new tokens, without the stop token. Uses the KV cache and per-row
+        positions, so a row decodes the same alone or in any batch. ``sync_ranks`` (default: on
+        when the weights are ZeRO-3 partitioned over several ranks) keeps stepping until every
+        rank is done, because each forward is then a collective.
+        """
+        if sync_ranks is None:
+            sync_ranks = (_is_partitioned(self.projector[0].weight) and torch.distributed.is_initialized()
+                          and torch.distributed.get_world_size() > 1)
+        device = input_ids.device
+        batch = input_ids.shape[0]
+        stop = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=device)
+        mask = attention_mask.clone()
+        embeds = self.embed(input_ids, slots, batch_items, item_table)
+        positions = positions_from_mask(mask)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       use_cache=True, logits_to_keep=1)
+        next_pos = positions[:, -1:] + 1
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        steps: list[Tensor] = []  # token per row per step, -1 once a row has stopped
+        for step in range(max_new_tokens):
+            tok = out.logits[:, -1].argmax(-1)
+            stopped = done | torch.isin(tok, stop)
+            steps.append(torch.where(stopped, torch.full_like(tok, -1), tok))
+            done = stopped
+            if step == max_new_tokens - 1 or self._all_done(bool(done.all()), sync_ranks, device):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = self.lm(inputs_embeds=self.embed_tokens(tok[:, None]).to(embeds.dtype), attention_mask=mask,
+                           position_ids=next_pos, past_key_values=out.past_key_values, use_cache=True)
+            next_pos = next_pos + 1
+        if not steps:
+            return [[] for _ in range(batch)]
+        table = torch.stack(steps, dim=1).tolist()
+        return [[t for t in row if t >= 0] for row in table]
+
+    @staticmethod
+    def _all_done(local_done: bool, sync_ranks: bool, device: torch.device) -> bool:
+        if not sync_ranks:
+            return local_done
+        flag = torch.tensor([0 if local_done else 1], device=device)
+        torch.distributed.all_reduce(flag)
+        return int(flag.item()) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
+                ds_config: dict | None = None) -> LlaraModel:
+    """Base LM + deterministic new-token rows + LoRA + projector; only LoRA and projector train.
+
+    Every random initialisation is seeded (tiny base: ``model.tiny.seed``; LoRA and projector:
+    ``train.seed``), so all ranks build identical models without a broadcast. ``ds_config`` (the
+    DeepSpeed config dict) matters only with ``model.zero_init: true`` and ZeRO stage 3: the local
+    checkpoint is then loaded directly into partitions.
+    """
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    base = _load_base(cfg.model, tokenizer, ds_config)
+    base.requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (our inputs are embeddings).
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    d_model = base.config.get_text_config().hidden_size
+
+    lora = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        try:
+            lm = get_peft_model(base, lora)
+        except ValueError as e:  # e.g. no module matches target_modules
+            raise ConfigError(f"lora.target_modules: {e}") from None
+        projector = Projector(rec_dim, d_model, cfg.model.projector_hidden).to(base.dtype)
+
+    meta = {
+        "model": cfg.model.model_dump(mode="json"),
+        "lora": cfg.lora.model_dump(mode="json"),
+        "rec_dim": int(rec_dim),
+        "d_model": int(d_model),
+        "projector_hidden": int(cfg.model.projector_hidden or d_model),
+        "vocab_size": len(tokenizer),
+        "base_vocab_size": int(base._llara_base_vocab_size),  # rows the checkpoint came with
+        "special_token_ids": _llara_token_ids(tokenizer),
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "eos_token_id": int(tokenizer.eos_token_id),
+    }
+    return LlaraModel(lm, projector, meta)
+
+
+def trainable_parameters(model: LlaraModel) -> Iterator[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs that train: LoRA A/B matrices and the projector."""
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):  # DeepSpeed engine / torch.compile wrappers
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _clean_base_name(name: str) -> str:
+    """PEFT-wrapped base parameter name -> the plain Hugging Face name."""
+    return name.replace(".base_layer.", ".")
+
+
+def _frozen_base_params(model: LlaraModel) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, p in model.lm.get_base_model().named_parameters():
+        if "lora_" not in name:
+            yield _clean_base_name(name), p
+
+
+def _special_rows(model: LlaraModel) -> dict[str, Tensor]:
+    """Embedding and LM-head rows of the LLaRA tokens, pad and every row added to the checkpoint."""
+    added = range(model.meta["base_vocab_size"], model.meta["vocab_size"])
+    ids = sorted({*model.meta["special_token_ids"].values(), model.meta["pad_token_id"], *added})
+    base = model.lm.get_base_model()
+    tensors = {"token_ids": torch.tensor(ids, dtype=torch.long)}
+    named = {"input_rows": base.get_input_embeddings().weight}
+    head = base.get_output_embeddings()
+    if head is not None:
+        named["output_rows"] = head.weight
+    for key, w in named.items():
+        with _gathered([w]):
+            tensors[key] = w.detach()[ids].to("cpu", copy=True).contiguous()
+    return tensors
+
+
+def save_export(model: LlaraModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+                extra_config: dict[str, Any] | None = None) -> Path:
+    """Write a self-contained export of ``model`` (gathers ZeRO-3 partitions: call on every rank).
+
+    Layout: ``adapter/`` (PEFT), ``projector.safetensors``, ``special_tokens.safetensors``,
+    ``llara_config.json`` (+ ``extra_config``), tokenizer files, and for the tiny preset
+    ``base/`` (its random base weights). Only rank 0 writes.
+    """
+    params = list(trainable_parameters(model))
+    state = {}
+    for name, p in params:  # one at a time: never more than one full LoRA matrix gathered
+        with _gathered([p]):
+            state[name] = p.detach().to("cpu", copy=True)
+    return save_export_from_state(model, state, tokenizer, out_dir, extra_config)
+
+
+def save_export_from_state(model: LlaraModel, state: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase,
+                           out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
+    """Like :func:`save_export`, with the trainable weights given as a plain full-size state dict.
+
+    ``state`` maps the names of :func:`trainable_parameters` (a ``module.`` prefix is accepted)
+    to full tensors, e.g. from ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(...,
+    exclude_frozen_parameters=True)``. ``model`` supplies the frozen parts (special-token rows,
+    tiny base) and is gathered if partitioned, so under ZeRO-3 call this on every rank.
+    """
+    out = Path(out_dir)
+    state = {_strip_prefix(k): v for k, v in state.items()}
+    expected = dict(trainable_parameters(model))
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"export state: {len(missing)} trainable tensors missing, e.g. {missing[:3]}")
+    for name, p in expected.items():
+        if tuple(state[name].shape) != tuple(_full_shape(p)):
+            # The classic ZeRO-3 trap: an ungathered partition saves as Size([0]).
+            raise CheckpointError(f"export state: {name} has shape {tuple(state[name].shape)}, "
+                                  f"expected {tuple(_full_shape(p))} (was it gathered from ZeRO-3 partitions?)")
+
+    special = _special_rows(model)
+    tiny = model.meta["model"]["name_or_path"] == "tiny"
+    base_state: dict[str, Tensor] = {}
+    if tiny:
+        for name, p in _frozen_base_params(model):
+            with _gathered([p]):
+                base_state[name] = p.detach().to("cpu", copy=True).contiguous()
+    if _rank() != 0:
+        return out
+
+    from peft import get_peft_model_state_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    lora_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+    adapter = get_peft_model_state_dict(model.lm, state_dict=lora_state, save_embedding_layers=False)
+    (out / ADAPTER_DIR).mkdir(exist_ok=True)
+    peft_cfg = model.lm.peft_config["default"]
+    peft_cfg.save_pretrained(out / ADAPTER_DIR)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, out / ADAPTER_DIR / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    projector = {k[len("projector."):]: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
+    save_file(projector, out / PROJECTOR_NAME, metadata={"format": "pt"})
+    save_file(special, out / SPECIAL_ROWS_NAME, metadata={"format": "pt"})
+    if tiny:
+        base_dir = out / TINY_BASE_DIR
+        base_dir.mkdir(exist_ok=True)
+        model.lm.get_base_model().config.save_pretrained(base_dir)
+        save_file(base_state, base_dir / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+
+    config = {"format": EXPORT_FORMAT, "schema_version": EXPORT_SCHEMA_VERSION, **model.meta}
+    clash = sorted(set(extra_config or {}) & set(config))
+    if clash:
+        raise ValueError(f"save_export: extra_config keys {clash} would overwrite the model's own keys")
+    config.update(extra_config or {})
+    (out / LLARA_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing ({what}); is this a directory written by save_export?")
+    return path
+
+
+def load_export(out_dir: str | Path, *, name_or_path: str | None = None, dtype: str | None = None,
+                device: str | torch.device = "cpu") -> tuple[LlaraModel, PreTrainedTokenizerBase, dict]:
+    """Rebuild the exported model (in eval mode), its tokenizer and its ``llara_config.json``.
+
+    ``name_or_path`` / ``dtype`` override the recorded base checkpoint path and dtype (e.g. the
+    same Llama-2 checkout mounted elsewhere). Outputs equal the exported model's exactly.
+    """
+    from peft import set_peft_model_state_dict
+
+    from llara_dist.data.tokenizer import prepare_tokenizer
+
+    out = Path(out_dir)
+    llara = json.loads(_require(out / LLARA_CONFIG_NAME, "the export's settings").read_text())
+    if llara.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{out / LLARA_CONFIG_NAME}: format is {llara.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    adapter_file = _require(out / ADAPTER_DIR / "adapter_model.safetensors", "LoRA weights")
+    projector_file = _require(out / PROJECTOR_NAME, "projector weights")
+    special_file = _require(out / SPECIAL_ROWS_NAME, "new-token embedding rows")
+    model_cfg = dict(llara["model"])
+    if name_or_path is not None:
+        model_cfg["name_or_path"] = name_or_path
+    if dtype is not None:
+        model_cfg["dtype"] = dtype
+    tiny = model_cfg["name_or_path"] == "tiny"
+    base_file = _require(out / TINY_BASE_DIR / "model.safetensors", "tiny base weights") if tiny else None
+
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    prepare_tokenizer(tokenizer)
+    cfg = Config(model=ModelConfig.model_validate(model_cfg), lora=LoraConfig.model_validate(llara["lora"]))
+    model = build_model(cfg, tokenizer, llara["rec_dim"])
+    model_dtype = getattr(torch, model_cfg["dtype"])
+
+    with torch.no_grad():
+        if base_file is not None:
+            saved = load_file(base_file)
+            for name, p in _frozen_base_params(model):
+                p.copy_(saved[name])
+        special = load_file(special_file)
+        ids = special["token_ids"].tolist()
+        base = model.lm.get_base_model()
+        base.get_input_embeddings().weight[ids] = special["input_rows"].to(model_dtype)
+        if "output_rows" in special and base.get_output_embeddings() is not None:
+            base.get_output_embeddings().weight[ids] = special["output_rows"].to(model_dtype)
+        result = set_peft_model_state_dict(model.lm, load_file(adapter_file))
+        bad = [k for k in result.unexpected_keys if "lora_" in k]
+        if bad:
+            raise CheckpointError(f"{adapter_file}: tensors that match no LoRA layer, e.g. {bad[:3]}")
+        model.projector.load_state_dict({k: v.to(model_dtype) for k, v in load_file(projector_file).items()})
+    return model.to(device).eval(), tokenizer, llara
