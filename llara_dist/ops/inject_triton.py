@@ -1,7 +1,9 @@
 """Triton kernels of `inject_embeddings` for CUDA (imported lazily by `inject.py`).
 
 Forward: one program per (position, block of D) copies either the position's embedding or the
-row its slot names; every element of the output is read once and written once.
+row its slot names; every element of the output is read once and written once. The fused entry
+(`embed_and_inject`) runs the same kernel reading the token table at the position's id instead
+of a materialised `inputs_embeds`.
 
 Backward: one launch makes both gradients in a single pass over the output grad. The programs
 for positions write grad_inputs_embeds (the grad, zeroed at placeholders, whose grad they do not
@@ -37,7 +39,10 @@ def _block_d(dim: int) -> int:
 
 
 @triton.jit
-def _forward_kernel(x_ptr, slots_ptr, rows_ptr, out_ptr, n_rows, dim, BLOCK_D: tl.constexpr):
+def _forward_kernel(src_ptr, ids_ptr, slots_ptr, rows_ptr, out_ptr, n_src, n_rows, dim,
+                    BLOCK_D: tl.constexpr, GATHER: tl.constexpr):
+    # GATHER=False: src is inputs_embeds [B*L, D] and position p keeps src[p].
+    # GATHER=True (the fused lookup): src is the token table [V, D] and p keeps src[ids[p]].
     pos = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_dim = offs < dim
@@ -45,9 +50,14 @@ def _forward_kernel(x_ptr, slots_ptr, rows_ptr, out_ptr, n_rows, dim, BLOCK_D: t
     slot = tl.load(slots_ptr + pos) + tl.zeros([BLOCK_D], dtype=tl.int64)
     inject = (slot >= 0) & (slot < n_rows)
     keep = (slot < 0) | (slot >= n_rows)
+    if GATHER:
+        src_row = tl.load(ids_ptr + pos) + tl.zeros([BLOCK_D], dtype=tl.int64)
+        keep = keep & (src_row >= 0) & (src_row < n_src)
+    else:
+        src_row = pos + tl.zeros([BLOCK_D], dtype=tl.int64)
     from_rows = tl.load(rows_ptr + slot * dim + offs, mask=in_dim & inject, other=0.0)
-    from_x = tl.load(x_ptr + pos * dim + offs, mask=in_dim & keep, other=0.0)
-    tl.store(out_ptr + pos * dim + offs, tl.where(inject, from_rows, from_x), mask=in_dim)
+    from_src = tl.load(src_ptr + src_row * dim + offs, mask=in_dim & keep, other=0.0)
+    tl.store(out_ptr + pos * dim + offs, tl.where(inject, from_rows, from_src), mask=in_dim)
 
 
 @triton.jit
@@ -85,7 +95,23 @@ def forward(inputs_embeds: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
         return out
     block = _block_d(dim)
     grid = (n_pos, triton.cdiv(dim, block))
-    _forward_kernel[grid](inputs_embeds, slots, rows, out, rows.shape[0], dim, BLOCK_D=block)
+    _forward_kernel[grid](inputs_embeds, slots, slots, rows, out, n_pos, rows.shape[0], dim,
+                          BLOCK_D=block, GATHER=False)
+    return out
+
+
+def embed_forward(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
+    """The fused lookup: out[b, l] = rows[slot] where the slot is in range, else
+    weight[input_ids[b, l]] (zeros for an out-of-range id; `inject.py` asserts on those)."""
+    dim = weight.shape[1]
+    out = weight.new_empty((*input_ids.shape, dim))
+    n_pos = slots.numel()
+    if n_pos == 0 or dim == 0:
+        return out
+    block = _block_d(dim)
+    grid = (n_pos, triton.cdiv(dim, block))
+    _forward_kernel[grid](weight, input_ids, slots, rows, out, weight.shape[0], rows.shape[0], dim,
+                          BLOCK_D=block, GATHER=True)
     return out
 
 

@@ -188,3 +188,73 @@ def test_torch_compile_dynamic_shapes():
         out = compiled(ids, slots, items)
         torch.testing.assert_close(out, model(ids, slots, items))
         out.sum().backward()
+
+
+# ---- the fused lookup + injection entry ---------------------------------------------------
+
+from llara_dist.ops import embed_and_inject  # noqa: E402
+from llara_dist.ops.inject import _fusable, embed_forward_torch  # noqa: E402
+
+
+def frozen_embedding(vocab=30, dim=7, dtype=torch.float32):
+    emb = torch.nn.Embedding(vocab, dim).to(dtype)
+    emb.weight.requires_grad_(False)
+    return emb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embed_and_inject_matches_unfused(dtype):
+    torch.manual_seed(0)
+    emb = frozen_embedding(dtype=dtype)
+    assert _fusable(emb)
+    ids = torch.randint(0, 30, (3, 11))
+    _, slots, rows = make_case(n_rows=3, per_sample=5, dtype=dtype)
+    grad = torch.randn(3, 11, 7).to(dtype)
+    fused_rows = rows.clone().requires_grad_(True)
+    fused = embed_and_inject(emb, ids, slots, fused_rows)
+    fused.backward(grad)
+    unfused_rows = rows.clone().requires_grad_(True)
+    unfused = inject_embeddings(emb(ids), slots, unfused_rows)
+    unfused.backward(grad)
+    assert torch.equal(fused, unfused)
+    assert torch.equal(fused_rows.grad, unfused_rows.grad)
+    # The sync-free dense formulation (non-CPU devices without triton) agrees too.
+    assert torch.equal(embed_forward_torch(ids, emb.weight, slots, rows, sparse=False), unfused)
+
+
+def test_embed_and_inject_falls_back_to_the_module():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (2, 9))
+    _, slots, rows = make_case(batch=2, length=9, n_rows=3, per_sample=4)
+
+    trainable = torch.nn.Embedding(30, 7)  # its grad must flow: not fused
+    assert not _fusable(trainable)
+    embed_and_inject(trainable, ids, slots, rows).sum().backward()
+    assert trainable.weight.grad is not None and trainable.weight.grad.abs().sum() > 0
+
+    hooked = frozen_embedding()  # e.g. PEFT's enable_input_require_grads, DeepSpeed's gather
+    hooked.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    assert not _fusable(hooked)
+    assert embed_and_inject(hooked, ids, slots, rows).requires_grad
+
+    class Scaled(torch.nn.Embedding):  # e.g. Gemma's scaled embedding: its forward must run
+        def forward(self, input_ids):
+            return super().forward(input_ids) * 2.0
+
+    scaled = Scaled(30, 7).requires_grad_(False)
+    assert not _fusable(scaled)
+    expected = inject_embeddings(scaled.weight[ids] * 2.0, slots, rows)
+    assert torch.equal(embed_and_inject(scaled, ids, slots, rows), expected)
+
+
+def test_embed_and_inject_opcheck_and_compile():
+    torch.manual_seed(0)
+    emb = frozen_embedding()
+    ids = torch.randint(0, 30, (2, 9))
+    _, slots, rows = make_case(batch=2, length=9, n_rows=3, per_sample=4)
+    torch.library.opcheck(torch.ops.llara.embed_and_inject.default,
+                          (ids, emb.weight, slots, rows.requires_grad_(True)))
+    torch._dynamo.reset()
+    compiled = torch.compile(embed_and_inject, fullgraph=True, backend="aot_eager")
+    out = compiled(emb, ids, slots, rows)
+    assert torch.equal(out, inject_embeddings(emb(ids), slots, rows))
