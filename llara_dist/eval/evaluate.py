@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -214,20 +213,46 @@ def gather_rows(parts: Iterable[list[tuple[int, dict]]]) -> list[dict]:
     return [row for _, row in sorted((r for part in parts for r in part), key=lambda t: t[0])]
 
 
-def resolve_export(run_dir: Path, checkpoint: str | None) -> Path:
-    """The export directory to evaluate: ``--checkpoint`` if given, else ``RUN/final``."""
+def resolve_export(cfg: Config, run_dir: Path, checkpoint: str | None) -> Path:
+    """The export directory to evaluate: ``--checkpoint`` if given, else ``RUN/final``.
+
+    A checkpoint may be an export (``llara_config.json``) or a DeepSpeed training checkpoint
+    (``latest`` + ZeRO files, e.g. ``RUN/checkpoints/step_00000030``), which is exported first.
+    """
     path = Path(checkpoint) if checkpoint else run_dir / "final"
     if (path / "llara_config.json").is_file():
         return path
-    if checkpoint:
-        try:  # a training checkpoint: the training package knows how to export it
-            from llara_dist.train.checkpoint import export_checkpoint  # type: ignore[attr-defined]
-        except ImportError:
-            export_checkpoint = None
-        if export_checkpoint is not None:
-            return Path(export_checkpoint(path))
-    raise CheckpointError(f"{path}: no llara_config.json; expected an export (RUN/final, written at the end of "
-                          "`llara-dist train`) or a checkpoint directory")
+    if checkpoint and (path / "latest").is_file():
+        return export_from_checkpoint(cfg, path, run_dir / "eval" / f"export-{path.name}")
+    raise CheckpointError(f"{path}: neither an export (no llara_config.json; RUN/final is written at the end of "
+                          "`llara-dist train`) nor a DeepSpeed checkpoint (no 'latest' file)")
+
+
+def export_from_checkpoint(cfg: Config, ckpt: Path, out: Path) -> Path:
+    """Turn a DeepSpeed ZeRO checkpoint of a run into an export (reused if already there).
+
+    The trainable tensors (LoRA + projector) are merged from all ranks' partitions; the frozen
+    parts come from rebuilding the model with the run's config, exactly as training built it.
+    """
+    if (out / "llara_config.json").is_file():
+        return out
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from llara_dist.data.shards import load_meta, load_titles
+    from llara_dist.model.llara import build_model, load_tokenizer, save_export_from_state
+    from llara_dist.recommender.table import load_item_table
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), exclude_frozen_parameters=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: cannot read the DeepSpeed checkpoint: {e}") from None
+    table, _ = load_item_table(cfg.train.rec_dir, load_meta(cfg.data.shards))
+    tokenizer = load_tokenizer(cfg.model, load_titles(cfg.data.shards))
+    model = build_model(cfg, tokenizer, table.shape[1])
+    dtype = next(model.parameters()).dtype
+    state = {k: v.to(dtype) for k, v in state.items()}
+    save_export_from_state(model, state, tokenizer, out, extra_config={"source_checkpoint": str(ckpt)})
+    return out
 
 
 def _settings(cfg: Config, domain: str) -> EvalSettings:
@@ -262,7 +287,7 @@ def run_eval(cfg: Config, run_dir: str | Path, out_dir: str | Path | None = None
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    export_dir = resolve_export(run_dir, checkpoint)
+    export_dir = resolve_export(cfg, run_dir, checkpoint)
     shard_dir, split = cfg.data.shards, cfg.eval.split
     meta = load_meta(shard_dir)
     titles = load_titles(shard_dir)
