@@ -50,6 +50,9 @@ def tiny_run(tiny_shards, tiny_rec, tmp_path_factory):
 def ray_session():
     import ray
 
+    if ray.is_initialized():  # another module's session is still up: share it
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
