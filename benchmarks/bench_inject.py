@@ -11,6 +11,9 @@ Forward + backward, side by side in one run:
 
 Outputs and gradients of the loop and the op are asserted identical before anything is timed.
 
+A second table times the fused entry `embed_and_inject` (token lookup + injection in one pass,
+frozen table) against the lookup followed by the op, and against the lookup alone.
+
     python benchmarks/bench_inject.py                 # big (B=16, L=512, D=4096, 30/sample) + small
     python benchmarks/bench_inject.py --cases small --dtype bfloat16
 """
@@ -26,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from llara_dist.ops import inject_embeddings
+from llara_dist.ops import embed_and_inject, inject_embeddings
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,41 @@ def check_identical(case: Case, x, items, mask, grad) -> None:
     forward_backward(copy_floor, x, items, mask, grad)  # warm-up of the last method
 
 
+def bench_fused(case: Case, dtype: torch.dtype, device: str, repeats: int, vocab: int) -> None:
+    """Fused lookup + injection vs lookup then op, frozen table, grads only for the rows."""
+    x, items, mask, grad = make_inputs(case, dtype, device)
+    del x
+    gen = torch.Generator().manual_seed(1)
+    embedding = torch.nn.Embedding(vocab, case.dim).to(device=device, dtype=dtype)
+    embedding.requires_grad_(False)
+    ids = torch.randint(0, vocab, (case.batch, case.length), generator=gen).to(device)
+    batch, per_sample, dim = items.shape
+    rank_in_sample = mask.long().cumsum(dim=1) - 1
+    slots = torch.where(mask, torch.arange(batch, device=device).unsqueeze(1) * per_sample
+                        + rank_in_sample, -1)
+    flat_items = items.reshape(batch * per_sample, dim)
+
+    def run(fused: bool):
+        rows = flat_items.detach().requires_grad_(True)
+        out = (embed_and_inject(embedding, ids, slots, rows) if fused
+               else inject_embeddings(embedding(ids), slots, rows))
+        out.backward(grad)
+        return out, rows.grad
+
+    (out_f, grad_f), (out_u, grad_u) = run(True), run(False)
+    if not (torch.equal(out_f, out_u) and torch.equal(grad_f, grad_u)):
+        raise AssertionError(f"{case.name}: fused and unfused differ")
+    results = time_methods(
+        {"lookup, then op": lambda: run(False), "fused lookup+op": lambda: run(True),
+         "lookup only (fwd)": lambda: embedding(ids)},
+        {"lookup, then op": repeats, "fused lookup+op": repeats, "lookup only (fwd)": repeats},
+        device)
+    shape = f"{case.batch},{case.length},{case.dim},{case.per_sample}"
+    for label, ms in results.items():
+        print(f"{case.name:<6} {shape:<20} {label:<20} {ms:>11.2f} "
+              f"{results['lookup, then op'] / ms:>10.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="big,small", help="comma-separated: big, small")
@@ -142,6 +180,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of the fast methods")
     parser.add_argument("--loop-repeats", type=int, default=1, help="timed runs of the loop")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--vocab", type=int, default=32000, help="token table rows (fused table)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,6 +216,15 @@ def main() -> None:
                   f"{results['loop (original)'] / ms:>8.1f}x {ms / results['copy floor']:>7.2f}x")
         del x, items, mask, grad
     print("outputs and gradients of op and loop: identical (asserted)")
+
+    print()
+    header = f"{'case':<6} {'shape (B,L,D,P)':<20} {'method (frozen table)':<20} " \
+             f"{'fwd+bwd ms':>11} {'vs unfused':>11}"
+    print(header)
+    print("-" * len(header))
+    for name in args.cases.split(","):
+        bench_fused(CASES[name.strip()], dtype, args.device, args.repeats, args.vocab)
+    print("outputs and rows' gradients of fused and unfused: identical (asserted)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ Backward: grad_inputs_embeds is the output grad with the injected positions zero
 grad_rows[k] is the sum of the output grads at the positions that took row k (accumulated in
 float32, then cast to the rows' dtype).
 
+`embed_and_inject(embedding, input_ids, slots, rows)` is the same result from the token ids: when
+the embedding is a plain frozen `nn.Embedding` without hooks it fuses the lookup with the
+injection (one write of [B, L, D] instead of two); otherwise (ZeRO-3's partitioned table with its
+gather hooks, PEFT hooks, a trainable table) it calls the module and then `inject_embeddings`.
+
 Kernels:
 - CPU: the sparse PyTorch kernel below. It finds the placeholder positions once per batch
   (`nonzero` on a CPU tensor is not a device sync), so it touches the full [B, L, D] tensor only in
@@ -166,21 +171,6 @@ def _inject_op(inputs_embeds: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
     return forward_torch(inputs_embeds, slots, rows)
 
 
-@torch.library.custom_op("llara::embed_and_inject", mutates_args=())
-def _embed_op(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
-    if _use_triton(weight):
-        _check_slots(slots, rows.shape[0])
-        ids_ok = (input_ids >= 0).all() & (input_ids < weight.shape[0]).all()
-        torch._assert_async(ids_ok, "embed_and_inject: input_ids out of the table's range")
-        return _triton_kernels().embed_forward(input_ids, weight, slots, rows)
-    return embed_forward_torch(input_ids, weight, slots, rows)
-
-
-@_embed_op.register_fake
-def _embed_fake(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
-    return weight.new_empty((*input_ids.shape, weight.shape[1]))
-
-
 @_inject_op.register_fake
 def _inject_fake(inputs_embeds: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
     return torch.empty_like(inputs_embeds, memory_format=torch.contiguous_format)
@@ -232,6 +222,22 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None
 
 
 _inject_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The fused entry: the token lookup and the injection in one pass (frozen table only).
+@torch.library.custom_op("llara::embed_and_inject", mutates_args=())
+def _embed_op(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
+    if _use_triton(weight):
+        _check_slots(slots, rows.shape[0])
+        ids_ok = (input_ids >= 0).all() & (input_ids < weight.shape[0]).all()
+        torch._assert_async(ids_ok, "embed_and_inject: input_ids out of the table's range")
+        return _triton_kernels().embed_forward(input_ids, weight, slots, rows)
+    return embed_forward_torch(input_ids, weight, slots, rows)
+
+
+@_embed_op.register_fake
+def _embed_fake(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
+    return weight.new_empty((*input_ids.shape, weight.shape[1]))
 
 
 def _embed_setup_context(ctx, inputs: tuple, output: Tensor) -> None:
