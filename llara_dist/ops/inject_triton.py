@@ -27,10 +27,18 @@ how CI checks them against the PyTorch kernel.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    # Triton launches on the current CUDA device; make it the tensors' device (CPU tensors under
+    # the interpreter need no guard).
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _block_d(dim: int) -> int:
@@ -95,8 +103,9 @@ def forward(inputs_embeds: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
         return out
     block = _block_d(dim)
     grid = (n_pos, triton.cdiv(dim, block))
-    _forward_kernel[grid](inputs_embeds, slots, slots, rows, out, n_pos, rows.shape[0], dim,
-                          BLOCK_D=block, GATHER=False)
+    with _on_device(out):
+        _forward_kernel[grid](inputs_embeds, slots, slots, rows, out, n_pos, rows.shape[0], dim,
+                              BLOCK_D=block, GATHER=False)
     return out
 
 
@@ -110,8 +119,9 @@ def embed_forward(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor
         return out
     block = _block_d(dim)
     grid = (n_pos, triton.cdiv(dim, block))
-    _forward_kernel[grid](weight, input_ids, slots, rows, out, weight.shape[0], rows.shape[0], dim,
-                          BLOCK_D=block, GATHER=True)
+    with _on_device(out):
+        _forward_kernel[grid](weight, input_ids, slots, rows, out, weight.shape[0], rows.shape[0],
+                              dim, BLOCK_D=block, GATHER=True)
     return out
 
 
@@ -146,9 +156,10 @@ def backward(
     order, seg_start = row_segments(slots, n_rows)
     block = _block_d(dim)
     grid = (n_pos_programs + n_rows, triton.cdiv(dim, block))
-    _backward_kernel[grid](
-        grad_out, slots, order, seg_start,
-        grad_inputs if need_grad_inputs else grad_rows,  # unused pointer when not needed
-        grad_rows, n_pos_programs, n_rows, dim, BLOCK_D=block,
-    )
+    with _on_device(grad_out):
+        _backward_kernel[grid](
+            grad_out, slots, order, seg_start,
+            grad_inputs if need_grad_inputs else grad_rows,  # unused pointer when not needed
+            grad_rows, n_pos_programs, n_rows, dim, BLOCK_D=block,
+        )
     return grad_inputs, grad_rows
