@@ -1,4 +1,5 @@
-"""`inject_embeddings` against the original per-sample loop, its registration, and compile."""
+"""`inject_embeddings` / `embed_and_inject` against the original per-sample loop, their
+registration as custom ops, and torch.compile."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from llara_dist.errors import DataError
-from llara_dist.ops import inject_embeddings
-from llara_dist.ops.inject import backward_torch, forward_torch
+from llara_dist.ops import embed_and_inject, inject_embeddings
+from llara_dist.ops.inject import _fusable, backward_torch, embed_forward_torch, forward_torch
 
 
 def loop_reference(inputs_embeds, slots, rows):
@@ -191,10 +192,6 @@ def test_torch_compile_dynamic_shapes():
 
 
 # ---- the fused lookup + injection entry ---------------------------------------------------
-
-from llara_dist.ops import embed_and_inject  # noqa: E402
-from llara_dist.ops.inject import _fusable, embed_forward_torch  # noqa: E402
-
 
 def frozen_embedding(vocab=30, dim=7, dtype=torch.float32):
     emb = torch.nn.Embedding(vocab, dim).to(dtype)
