@@ -32,8 +32,9 @@ def tiny_llama_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerBase,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,  # like Llama-2: the LM head is its own matrix
-        # Larger than Llama's 0.02: with a frozen random LM head, 0.02 leaves logits so flat that
-        # LoRA can hardly move the loss; 0.1 gives the tiny model a usable logit range.
+        # Larger than Llama's 0.02, whose flat random logits LoRA can hardly move through the
+        # frozen head (measured: 8 LoRA steps took the loss 5.99 -> 5.33 at 0.02, 6.07 -> 1.98 at
+        # 0.1) and whose greedy answers barely depend on the prompt (3 vs 8 distinct of 8).
         initializer_range=0.1,
     )
     if attn_implementation:

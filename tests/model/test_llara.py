@@ -143,7 +143,7 @@ def test_text_batch_injects_nothing(model, tokenizer, item_table):
 
 def test_optimiser_steps_reduce_loss(model, tokenizer, item_table):
     m = copy.deepcopy(model)
-    batches = [make_batch(tokenizer, SAMPLES[:4]), make_batch(tokenizer, SAMPLES[4:])]
+    batches = [make_batch(tokenizer, SAMPLES[:2]), make_batch(tokenizer, SAMPLES[2:4])]
 
     def eval_loss() -> float:  # dropout off: the before/after comparison is exact
         m.eval()
@@ -154,15 +154,13 @@ def test_optimiser_steps_reduce_loss(model, tokenizer, item_table):
     torch.manual_seed(0)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     m.train()
-    for step in range(12):
+    for step in range(8):
         loss = m(**batches[step % 2], item_table=item_table).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = eval_loss()
-    # The tiny base's frozen random LM head caps how far LoRA alone can move the logits, so the
-    # drop is modest; 0.2 nats is still far beyond float noise.
-    assert after < before - 0.2, (before, after)
+    assert after < 0.7 * before, (before, after)
 
 
 def _greedy_reference(model, batch, item_table, n: int) -> list[int]:

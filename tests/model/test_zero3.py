@@ -50,3 +50,11 @@ def test_forward_generate_and_export_under_zero3(tmp_path):
     assert results[0]["export_max_abs_diff"] < 1e-5
     assert results[0]["export_logits_moved"] > 1e-4
     assert results[0]["trained_steps"] == 1
+    # model.zero_init: a local checkpoint (here a saved tiny Llama whose tokenizer lacks the LLaRA
+    # tokens, like Llama-2's) loads straight into partitions and is resized there; it matches the
+    # same checkpoint built whole.
+    for r in results:
+        assert r["zi_partitioned_at_build"]
+        assert r["zi_vocab"][0] == r["zi_vocab"][1] > r["zi_base_vocab"]
+        assert r["zi_rows_equal"]
+        assert abs(r["zi_loss_zero3"] - r["zi_loss_plain"]) < 1e-5

@@ -96,8 +96,65 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
         result["export_logits_moved"] = float((logits - reference.lm_logits(
             reference.embed(gen["input_ids"], gen["slots"], gen["batch_items"], table), gen["attention_mask"])).abs().max())
         result["trained_steps"] = llara["trained_steps"]
+    result.update(_zero_init_phase(rank, out_dir, ds_config, table))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
+
+
+def _plain_tokenizer():
+    """A checkpoint-style tokenizer that lacks the LLaRA tokens (like Llama-2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TITLES + ["This user has watched these movies. Answer:"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _zero_init_phase(rank: int, out_dir: str, ds_config: dict, table: np.ndarray) -> dict:
+    """A local checkpoint loaded straight into partitions (model.zero_init), resized under ZeRO-3."""
+    import deepspeed
+
+    from llara_dist.config import load_config
+    from llara_dist.data.collate import TrainCollator
+    from llara_dist.data.prompts import build_prompt
+    from llara_dist.model.llara import build_model, load_tokenizer
+    from llara_dist.model.tiny import build_tiny_llama
+
+    ckpt = Path(out_dir) / "checkpoint"
+    base_cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", ["lora.dropout=0.0"])
+    if rank == 0:
+        tok = _plain_tokenizer()
+        build_tiny_llama(base_cfg.model.tiny, tok, len(tok)).save_pretrained(ckpt)
+        tok.save_pretrained(ckpt)
+    torch.distributed.barrier()
+    cfg = load_config(None, ["lora.dropout=0.0", f"model.name_or_path={ckpt}", "model.zero_init=true"])
+    tokenizer = load_tokenizer(cfg.model, TITLES)
+    plain = build_model(cfg, tokenizer, REC_DIM).eval()  # no ds_config: built whole
+    partitioned = build_model(cfg, tokenizer, REC_DIM, ds_config=ds_config)
+    q = partitioned.lm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    # transformers' resize swaps in a whole (unpartitioned) embedding; deepspeed.initialize
+    # partitions it with everything else.
+    emb = partitioned.lm.get_input_embeddings().weight
+    out = {"zi_partitioned_at_build": bool(hasattr(q, "ds_id")) and q.numel() == 0,
+           "zi_vocab": [len(tokenizer), int(getattr(emb, "ds_shape", emb.shape)[0])],
+           "zi_base_vocab": partitioned.meta["base_vocab_size"]}
+    with deepspeed.zero.GatheredParameters([emb]):
+        out["zi_rows_equal"] = bool(torch.equal(emb.detach(), plain.lm.get_input_embeddings().weight))
+    trainable = [p for p in partitioned.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=partitioned, model_parameters=trainable, config=ds_config)
+    engine.eval()
+    prompts = [build_prompt(s, TITLES, mode="hybrid", domain="movie", seed=0) for s in _samples(rank)]
+    batch = TrainCollator(tokenizer, 256)(prompts)
+    args = {k: batch[k] for k in ("input_ids", "attention_mask", "slots", "batch_items", "labels")}
+    with torch.no_grad():
+        out["zi_loss_zero3"] = float(engine(**args, item_table=table).loss)
+        out["zi_loss_plain"] = float(plain(**args, item_table=table).loss)
+    return out
 
 
 if __name__ == "__main__":
