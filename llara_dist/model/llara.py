@@ -296,9 +296,10 @@ class LlaraModel(nn.Module):
         prompt = self.embed(input_ids, slots, batch_items, item_table)
         embeds = torch.cat([prompt, self.embed_tokens(cont).to(prompt.dtype)], dim=1)
         mask = torch.cat([attention_mask.to(cont_mask.dtype), cont_mask], dim=1)
-        plen = input_ids.shape[1]
-        # Token t of the continuation is predicted at position plen - 1 + t.
-        logits = self.lm_logits(embeds, mask)[:, plen - 1: plen - 1 + width].float()
+        # Token t of the continuation is predicted at position plen - 1 + t: only the last
+        # width + 1 positions need logits (a [B, L, V] tensor is large for a 32k vocabulary).
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
+                         use_cache=False, logits_to_keep=width + 1).logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, cont.unsqueeze(-1)).squeeze(-1)
         return (logp * cont_mask).sum(-1)
 
