@@ -139,8 +139,10 @@ def _init_new_rows(weight: Tensor, start: int, tokens: Sequence[str]) -> None:
         weight[start + i] = (mean + 0.1 * std * noise).to(weight.dtype)
 
 
-def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, ds_config: dict | None) -> PreTrainedModel:
-    """The frozen base LM with one embedding (and LM-head) row per token of ``tokenizer``."""
+def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
+               ds_config: dict | None) -> tuple[PreTrainedModel, int]:
+    """The frozen base LM with one embedding (and LM-head) row per token of ``tokenizer``, and the
+    number of rows the checkpoint came with."""
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.name_or_path == "tiny":
         from llara_dist.model.tiny import build_tiny_llama
@@ -164,9 +166,9 @@ def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, ds_co
             hf_ds = HfDeepSpeedConfig(ds_config)
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         base._llara_hf_ds_config = hf_ds  # keep it alive: transformers holds only a weak reference
-    base._llara_base_vocab_size = _add_token_rows(base, tokenizer)
+    base_vocab_size = _add_token_rows(base, tokenizer)
     base.config.pad_token_id = tokenizer.pad_token_id
-    return base
+    return base, base_vocab_size
 
 
 def _add_token_rows(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -368,7 +370,7 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
     """
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
-    base = _load_base(cfg.model, tokenizer, ds_config)
+    base, base_vocab_size = _load_base(cfg.model, tokenizer, ds_config)
     base.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (our inputs are embeddings).
@@ -393,7 +395,7 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
         "d_model": int(d_model),
         "projector_hidden": int(cfg.model.projector_hidden or d_model),
         "vocab_size": len(tokenizer),
-        "base_vocab_size": int(base._llara_base_vocab_size),  # rows the checkpoint came with
+        "base_vocab_size": base_vocab_size,  # rows the checkpoint came with
         "special_token_ids": _llara_token_ids(tokenizer),
         "pad_token_id": int(tokenizer.pad_token_id),
         "eos_token_id": int(tokenizer.eos_token_id),
