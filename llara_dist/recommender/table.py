@@ -52,6 +52,9 @@ def load_item_table(rec_dir: str | Path, shard_meta: dict) -> tuple[np.ndarray, 
     if table.ndim != 2 or table.shape[0] != n_items + 1:
         raise DataError(f"{table_path}: item table has shape {list(table.shape)}, but the shards have n_items="
                         f"{n_items}, so expected [{n_items + 1}, d] (n_items rows + 1 padding row); {retrain}")
+    if table.shape[1] != rec_meta.get("dim"):
+        raise DataError(f"{table_path}: item table is {table.shape[1]} wide but {meta_path} says dim="
+                        f"{rec_meta.get('dim')}; the directory mixes files of two runs")
     if rec_meta.get("n_items") != n_items:
         raise DataError(f"{meta_path}: n_items is {rec_meta.get('n_items')}, but the shards have n_items={n_items}; "
                         f"{retrain}")

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from llara_dist.config import Config, RecConfig
+from llara_dist.errors import ConfigError
 from llara_dist.recommender.arrays import SplitArrays, load_split
 from llara_dist.recommender.base import SequentialRecommender
 from llara_dist.recommender.models import architecture, build_recommender
@@ -35,9 +36,17 @@ from llara_dist.recommender.table import META_FILE, save_item_table
 
 
 def resolve_device(device: str) -> torch.device:
+    """``rec.device``: ``auto`` is CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"rec.device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"rec.device: {device!r} requested but this torch build sees no CUDA device "
+                          f"(use rec.device=auto or cpu)")
+    return dev
 
 
 def _loss(model: SequentialRecommender, seq: torch.Tensor, target: torch.Tensor, kind: str,
@@ -123,12 +132,12 @@ def run_train_rec(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     from llara_dist.data.shards import load_meta
 
     rc, shard_dir, out = cfg.rec, Path(cfg.data.shards), Path(cfg.rec.out)
+    device = resolve_device(rc.device)  # a bad device fails before any data is read
     meta = load_meta(shard_dir)
     n_items, max_len = int(meta["n_items"]), int(meta["history_len"])
     train, valid, test = (load_split(shard_dir, s, meta) for s in ("train", "valid", "test"))
 
     torch.manual_seed(rc.seed)  # initialisation and dropout
-    device = resolve_device(rc.device)
     arch = architecture(rc, max_len)
     model = build_recommender(rc.model, n_items, max_len, hidden_size=arch["hidden_size"], dropout=arch["dropout"],
                               num_blocks=arch["num_blocks"], num_heads=arch["num_heads"])

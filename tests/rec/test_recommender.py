@@ -117,3 +117,12 @@ def test_out_of_range_item_is_refused(tiny_rec):
         score_candidates(tiny_rec, [sample])
     with pytest.raises(DataError, match="target 3 must appear exactly once"):
         score_candidates(tiny_rec, [{**sample, "history": [1, 2], "candidates": [4, 5]}])
+
+
+def test_unusable_device_is_a_config_error(tiny_shards, tmp_path):
+    from llara_dist.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="rec.device: 'cuda' requested"):
+        _train(tiny_shards, tmp_path, "rec.device=cuda")
