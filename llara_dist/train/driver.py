@@ -52,11 +52,10 @@ def _hidden_size(cfg: Config) -> int:
     return int(hidden)
 
 
-def plan_run(cfg: Config, meta: dict) -> TrainPlan:
+def plan_run(cfg: Config, n_train: int) -> TrainPlan:
     """Step counts, storage location and model width; raises on anything inconsistent."""
     run_dir = Path(cfg.run_dir).resolve()
     _, max_workers = worker_range(cfg)
-    n_train = int(meta["counts"]["train"])
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     # With elastic scaling the world size is only known inside the workers; epochs are counted at
     # the largest world size (the run's intended effective batch).
@@ -76,13 +75,15 @@ def plan_run(cfg: Config, meta: dict) -> TrainPlan:
 
 def preflight(cfg: Config) -> tuple[TrainPlan, "object", dict]:
     """Every check that needs no worker: shards, item table vs shards, model path, DS config, resume."""
-    from llara_dist.data.shards import load_meta
+    from llara_dist.data.shards import check_shards, load_meta
     from llara_dist.recommender.table import load_item_table
     from llara_dist.train.ds_config import build_ds_config
 
     meta = load_meta(cfg.data.shards)
+    # Damaged train shards are named now (or skipped, with data.skip_corrupt), not inside a worker.
+    usable, _ = check_shards(cfg.data.shards, "train", skip_corrupt=cfg.data.skip_corrupt)
     table, rec_meta = load_item_table(cfg.train.rec_dir, meta)
-    plan = plan_run(cfg, meta)
+    plan = plan_run(cfg, sum(int(e["samples"]) for e in usable))
     lo, hi = worker_range(cfg)
     for world in sorted({lo, hi}):  # batch size depends on the world size: check both ends
         build_ds_config(cfg, world_size=world, total_steps=plan.total_steps, hidden_size=plan.hidden_size)

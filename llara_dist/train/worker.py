@@ -32,6 +32,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    import warnings
+
+    # gloo's collectives warn on every call that their names are deprecated; keep the logs readable.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\..*")
+
     import deepspeed
     import ray
     import ray.train
@@ -83,6 +88,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     stage = zero_stage(ds_config)
+    # Parameter values this rank holds vs the whole model: ~1/world under ZeRO-3.
+    params_local = sum(p.numel() for p in engine.module.parameters())
+    params_total = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
 
     stream = TrainStream(cfg.data.shards, batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
                          seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -139,7 +147,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         row = window.reduce(dist, world, engine.device)
         row.update(step=done, lr=float(engine.get_lr()[0]), hybrid_prob=curriculum.hybrid_probability(step),
                    hybrid=int(hybrid), epoch=stream.state_dict()["epoch"], samples=samples_seen,
-                   memory_gb=_memory_gb(loop_config["use_gpu"]), world_size=world)
+                   memory_gb=_memory_gb(loop_config["use_gpu"]), world_size=world,
+                   params_local=params_local, params_total=params_total)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         metrics.log(row)
         window = _Window()
