@@ -103,6 +103,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _check_engine_step(engine, start_step, resume)
 
     curriculum = Curriculum.parse(cfg.train.curriculum, total_steps, cfg.train.seed)
+    validation = _Validation(cfg, domain, titles, item_table, tokenizer, rank, world,
+                             best=resume.state.extra.get("best_valid") if resume else None)
     collator = TrainCollator(tokenizer, cfg.data.max_length)
     metrics = MetricsLog(run_dir, enabled=rank == 0, resume_step=start_step)
     fingerprint = meta.get("fingerprint")
@@ -141,14 +143,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         log_now = done % cfg.train.log_every == 0
         ckpt_now = done % cfg.train.checkpoint_every == 0 or done == end_step
-        if not (log_now or ckpt_now):
+        valid_now = validation.due(done, end_step)
+        if not (log_now or ckpt_now or valid_now):
             continue
         # 7. A report: every rank reaches this at the same steps (it is a barrier).
         row = window.reduce(dist, world, engine.device)
         row.update(step=done, lr=float(engine.get_lr()[0]), hybrid_prob=curriculum.hybrid_probability(step),
                    hybrid=int(hybrid), epoch=stream.state_dict()["epoch"], samples=samples_seen,
                    memory_gb=_memory_gb(loop_config["use_gpu"]), world_size=world,
-                   params_local=params_local, params_total=params_total)
+                   params_local=params_local, params_total=params_total, time=time.time())
+        if valid_now:  # collective: every rank generates its part of the fixed subset
+            row.update(validation.run(engine.module, done, run_dir / "best"))
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         metrics.log(row)
         window = _Window()
@@ -158,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state = TrainerState(step=done, total_steps=total_steps, world_size=world, tag=ds_tag(done),
                              stream=stream.state_dict(), zero_stage=stage, samples_seen=samples_seen,
                              extra={"shards_fingerprint": fingerprint, "curriculum": cfg.train.curriculum,
-                                    "seed": cfg.train.seed})
+                                    "seed": cfg.train.seed, "best_valid": validation.best})
         with tempfile.TemporaryDirectory(prefix=f"llara-ckpt-r{rank}-") as tmp:
             save_rank_checkpoint(engine, Path(tmp), state, rank)
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -173,6 +178,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  extra={"step": max(start_step, total_steps), "run_dir": str(run_dir),
                         "shards": str(Path(cfg.data.shards).resolve()), "rec_dir": str(Path(cfg.train.rec_dir).resolve()),
                         "shards_fingerprint": fingerprint, "curriculum": cfg.train.curriculum})
+
+
+class _Validation:
+    """Periodic validation on a fixed valid subset (every ``train.valid_every`` steps and at the end),
+    and the export of the best model by valid HitRatio@1 to ``RUN/best``."""
+
+    def __init__(self, cfg, domain: str, titles, item_table, tokenizer, rank: int, world: int, best: dict | None):
+        self.every = cfg.train.valid_every
+        self.best = best
+        self.rank, self.world = rank, world
+        self.titles, self.item_table, self.tokenizer = titles, item_table, tokenizer
+        self.cfg = cfg
+        if not self.every:
+            return
+        from llara_dist.eval.evaluate import EvalSettings
+        from llara_dist.eval.validation import validation_subset
+
+        self.subset = validation_subset(cfg.data.shards, cfg.train.valid_samples)
+        self.settings = EvalSettings(prompt="hybrid", decoding="free", batch_size=cfg.eval.batch_size,
+                                     max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
+                                     domain=domain, seed=cfg.train.seed)
+
+    def due(self, done: int, end_step: int) -> bool:
+        return bool(self.every) and (done % self.every == 0 or done == end_step)
+
+    def run(self, model, done: int, best_dir: Path) -> dict:
+        from llara_dist.eval.validation import validate_in_training
+        from llara_dist.train.checkpoint import export_final
+
+        res = validate_in_training(model, self.tokenizer, self.subset, self.titles, self.item_table, self.settings,
+                                   rank=self.rank, world_size=self.world)
+        if self.best is None or res["hit_ratio@1"] > self.best["hit_ratio@1"]:
+            self.best = {"step": done, "hit_ratio@1": res["hit_ratio@1"], "valid_ratio": res["valid_ratio"],
+                         "n": res["n"]}
+            export_final(model, self.tokenizer, best_dir, rank=self.rank,
+                         extra={"step": done, "valid": self.best, "shards": str(Path(self.cfg.data.shards).resolve()),
+                                "rec_dir": str(Path(self.cfg.train.rec_dir).resolve())})
+        return {"valid/hit_ratio@1": res["hit_ratio@1"], "valid/valid_ratio": res["valid_ratio"],
+                "valid/best_step": self.best["step"]}
 
 
 class _Window:

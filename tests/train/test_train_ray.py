@@ -31,7 +31,7 @@ def _cfg(tiny_shards, tiny_rec, run_dir, *extra):
     return load_config(ROOT / "configs/tiny.yaml", [
         f"data.shards={tiny_shards}", f"train.rec_dir={tiny_rec}", f"run_dir={run_dir}",
         f"train.max_steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={EVERY}",
-        "scaling.num_workers=2", *extra])
+        "scaling.num_workers=2", f"train.valid_every={EVERY}", "train.valid_samples=8", *extra])
 
 
 def _rows(run_dir) -> dict[int, dict]:
@@ -83,6 +83,18 @@ def test_loss_decreases_and_parameters_are_partitioned(reference):
     assert r["world_size"] == 2 and r["samples"] == STEPS * 4 * 2
     # ZeRO-3: rank 0 holds about half of the parameter values (small LoRA matrices stay whole).
     assert r["params_local"] < 0.6 * r["params_total"], r
+
+
+def test_periodic_validation_and_best_export(reference):
+    run_dir = reference[0]
+    rows = _rows(run_dir)
+    assert [s for s in rows if "valid/hit_ratio@1" in rows[s]] == [EVERY, STEPS]
+    for s in (EVERY, STEPS):
+        assert 0.0 <= rows[s]["valid/hit_ratio@1"] <= rows[s]["valid/valid_ratio"] <= 1.0
+    best = json.loads((run_dir / "best" / "llara_config.json").read_text())["valid"]
+    assert best["step"] == rows[STEPS]["valid/best_step"] and best["n"] == 8
+    assert best["hit_ratio@1"] == max(rows[s]["valid/hit_ratio@1"] for s in (EVERY, STEPS))
+    assert (run_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_curriculum_follows_the_seeded_schedule(reference):
