@@ -303,6 +303,58 @@ def test_export_round_trip(model, tokenizer, item_table, tmp_path):
                                                                                           stop_token_ids=[])
 
 
+def _local_checkpoint(path, tiny_cfg_model) -> None:
+    """A local HF checkpoint (a saved tiny Llama) whose tokenizer lacks the LLaRA tokens, like Llama-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llara_dist.model.tiny import build_tiny_llama
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(TITLES + ["This user has watched movies. Answer:"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    build_tiny_llama(tiny_cfg_model.tiny, tok, len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_local_checkpoint_export_round_trip(item_table, tmp_path):
+    """The Llama-2 path: a local checkpoint, 4 tokens added, exported without its base weights."""
+    import shutil
+
+    from llara_dist.model.llara import build_model, load_export, load_tokenizer, save_export
+
+    ckpt = tmp_path / "llama-local"
+    _local_checkpoint(ckpt, tiny_cfg().model)
+    cfg = tiny_cfg(f"model.name_or_path={ckpt}")
+    tok = load_tokenizer(cfg.model, TITLES)
+    m = build_model(cfg, tok, REC_DIM)
+    assert m.meta["base_vocab_size"] + 4 == len(tok)  # [HistoryEmb], [CansEmb], [PH], <pad>
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    loss = m.train()(**make_batch(tok, SAMPLES[:2]), item_table=item_table).loss
+    loss.backward()
+    opt.step()
+    m.eval()
+    out = save_export(m, tok, tmp_path / "final")
+    assert not (out / "base").exists()  # a real checkpoint is referenced, not copied
+
+    moved = tmp_path / "mounted-elsewhere"
+    shutil.move(ckpt, moved)
+    batch = make_batch(tok, SAMPLES[:3], generation=True)
+    with torch.no_grad():
+        expected = m.lm_logits(m.embed(batch["input_ids"], batch["slots"], batch["batch_items"], item_table),
+                               batch["attention_mask"])
+        with pytest.raises(ConfigError, match="model.name_or_path"):
+            load_export(out)  # the recorded path is gone
+        loaded, _, _ = load_export(out, name_or_path=str(moved))
+        got = loaded.lm_logits(loaded.embed(batch["input_ids"], batch["slots"], batch["batch_items"], item_table),
+                               batch["attention_mask"])
+    assert torch.equal(got, expected)
+
+
 def test_continuation_logprobs_match_logits(model, tokenizer, item_table):
     model.eval()
     batch = make_batch(tokenizer, SAMPLES[:2], generation=True)
