@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -540,25 +541,34 @@ def load_export(out_dir: str | Path, *, name_or_path: str | None = None, dtype: 
     from llara_dist.data.tokenizer import prepare_tokenizer
 
     out = Path(out_dir)
-    llara = json.loads(_require(out / LLARA_CONFIG_NAME, "the export's settings").read_text())
-    if llara.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{out / LLARA_CONFIG_NAME}: format is {llara.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    config_file = _require(out / LLARA_CONFIG_NAME, "the export's settings")
+    try:
+        llara = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON: {e}") from None
+    if not isinstance(llara, dict) or llara.get("format") != EXPORT_FORMAT:
+        got = llara.get("format") if isinstance(llara, dict) else type(llara).__name__
+        raise CheckpointError(f"{config_file}: format is {got!r}, expected {EXPORT_FORMAT!r}")
     adapter_file = _require(out / ADAPTER_DIR / "adapter_model.safetensors", "LoRA weights")
     projector_file = _require(out / PROJECTOR_NAME, "projector weights")
     special_file = _require(out / SPECIAL_ROWS_NAME, "new-token embedding rows")
-    model_cfg = dict(llara["model"])
+    model_cfg = dict(llara.get("model") or {})
     if name_or_path is not None:
         model_cfg["name_or_path"] = name_or_path
     if dtype is not None:
         model_cfg["dtype"] = dtype
-    tiny = model_cfg["name_or_path"] == "tiny"
+    tiny = model_cfg.get("name_or_path", "tiny") == "tiny"
     base_file = _require(out / TINY_BASE_DIR / "model.safetensors", "tiny base weights") if tiny else None
 
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
     prepare_tokenizer(tokenizer)
-    cfg = Config(model=ModelConfig.model_validate(model_cfg), lora=LoraConfig.model_validate(llara["lora"]))
-    model = build_model(cfg, tokenizer, llara["rec_dim"])
-    model_dtype = getattr(torch, model_cfg["dtype"])
+    try:
+        cfg = Config(model=ModelConfig.model_validate(model_cfg), lora=LoraConfig.model_validate(llara["lora"]))
+        rec_dim = int(llara["rec_dim"])
+    except (ValidationError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: model/lora settings not usable by this version: {e}") from None
+    model = build_model(cfg, tokenizer, rec_dim)
+    model_dtype = getattr(torch, cfg.model.dtype)
 
     with torch.no_grad():
         if base_file is not None:
@@ -575,5 +585,8 @@ def load_export(out_dir: str | Path, *, name_or_path: str | None = None, dtype: 
         bad = [k for k in result.unexpected_keys if "lora_" in k]
         if bad:
             raise CheckpointError(f"{adapter_file}: tensors that match no LoRA layer, e.g. {bad[:3]}")
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing:
+            raise CheckpointError(f"{adapter_file}: {len(missing)} LoRA tensors missing, e.g. {missing[:3]}")
         model.projector.load_state_dict({k: v.to(model_dtype) for k, v in load_file(projector_file).items()})
     return model.to(device).eval(), tokenizer, llara

@@ -302,6 +302,13 @@ def test_export_round_trip(model, tokenizer, item_table, tmp_path):
         assert loaded.generate(*args, max_new_tokens=4, stop_token_ids=[]) == m.generate(*args, max_new_tokens=4,
                                                                                           stop_token_ids=[])
 
+    # An incomplete export is one clear error naming the missing file.
+    from llara_dist.errors import CheckpointError
+
+    (out / "projector.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="projector.safetensors"):
+        load_export(out)
+
 
 def _local_checkpoint(path, tiny_cfg_model) -> None:
     """A local HF checkpoint (a saved tiny Llama) whose tokenizer lacks the LLaRA tokens, like Llama-2."""
