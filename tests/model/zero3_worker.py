@@ -81,11 +81,20 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     loss = engine(**train_args, item_table=table).loss
     engine.backward(loss)
     engine.step()
+    # A text step: the projector takes no part in the forward (nothing to inject); the ZeRO-3
+    # step must still go through on every rank.
+    text = TrainCollator(tokenizer, 256)([build_prompt(s, TITLES, mode="text", domain="movie", seed=0)
+                                          for s in _samples(rank)])
+    assert text["batch_items"].numel() == 0
+    text_loss = engine(**{k: text[k] for k in train_args}, item_table=table).loss
+    engine.backward(text_loss)
+    engine.step()
+    result["text_step_loss"] = float(text_loss)
     engine.eval()
     with torch.no_grad():
         embeds = model.embed(gen["input_ids"], gen["slots"], gen["batch_items"], table)
         logits = model.lm_logits(embeds, gen["attention_mask"])
-    save_export(model, tokenizer, Path(out_dir) / "final", {"trained_steps": 1})
+    save_export(model, tokenizer, Path(out_dir) / "final", {"trained_steps": 2})
     torch.distributed.barrier()
     if rank == 0:
         loaded, _, llara = load_export(Path(out_dir) / "final")
