@@ -70,12 +70,12 @@ def test_same_seed_same_table(tiny_shards, tmp_path):
     assert not np.array_equal(ta, tc)
 
 
-@pytest.mark.parametrize("model", ["sasrec", "gru4rec", "caser"])
-def test_learns_sequential_signal_beyond_popularity(model, tiny_shards, tmp_path):
+@pytest.mark.parametrize("model,loss", [("sasrec", "ce"), ("gru4rec", "ce"), ("caser", "ce"), ("gru4rec", "bce")])
+def test_learns_sequential_signal_beyond_popularity(model, loss, tiny_shards, tmp_path):
     # Through the CLI, as a user runs it.
     out = tmp_path / model
     rc = main(["train-rec", "--config", str(TINY_CONFIG), "--data", str(tiny_shards), "--model", model,
-               "--out", str(out), "--epochs", "15", "rec.patience=15"])
+               "--out", str(out), "--epochs", "15", "rec.patience=15", f"rec.loss={loss}"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     pop = m["popularity"]["test"]["hr@1"]
