@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -300,8 +301,12 @@ def run_eval(cfg: Config, run_dir: str | Path, out_dir: str | Path | None = None
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-                 log_to_driver=True)
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:  # a cluster (or `ray job submit`, whose runtime_env already applies)
+            ray.init(address=address, log_to_driver=True)
+        else:  # "local": never join some other cluster that `ray start` left on this machine
+            ray.init(address="local", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                     include_dashboard=False, log_to_driver=True)
     try:
         use_gpu = cfg.scaling.use_gpu
         cpus = float(cfg.scaling.resources_per_worker.get("CPU", 1))

@@ -53,7 +53,7 @@ def ray_session():
     if ray.is_initialized():  # another module's session is still up: share it
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
