@@ -96,17 +96,17 @@ def _plot_training(rows: list[dict], path: Path) -> None:
 
 def comparison_rows(evaluations: list[tuple[str, dict]]) -> list[tuple[str, float, float, float]]:
     """(label, HR@1, low, high) for LLaRA in each evaluation and its recommender / popularity."""
-    bars = []
+    llara, refs = [], []
     for name, m in evaluations:
-        bars.append((f"LLaRA {name}", m["hit_ratio@1"], *m["hit_ratio@1_ci95"]))
+        llara.append((f"LLaRA {name}", m["hit_ratio@1"], *m["hit_ratio@1_ci95"]))
         for ref in ("recommender", "popularity"):
             r = m.get(ref)
             if r:
-                label = f"{r.get('model', ref)} {m.get('split', name)}" if ref == "recommender" else f"popularity {m.get('split', name)}"
+                label = f"{r.get('model', ref) if ref == 'recommender' else ref} {m.get('split', name)}"
                 bar = (label, r["hit_ratio@1"], *r["hit_ratio@1_ci95"])
-                if bar not in bars:  # several evaluations of one split share the baselines
-                    bars.append(bar)
-    return bars
+                if bar not in refs:  # several evaluations of one split share the baselines
+                    refs.append(bar)
+    return llara + refs
 
 
 def _plot_comparison(bars: list[tuple[str, float, float, float]], path: Path) -> None:
