@@ -85,7 +85,12 @@ def _plot_training(rows: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
         if steps:
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label="measured")
+            if title == "hybrid share":  # the curriculum's schedule, next to what was drawn
+                p_steps, p_values = series(rows, ("hybrid_prob",))
+                if p_steps:
+                    ax.plot(p_steps, p_values, "--", color="tab:orange", label="scheduled probability")
+                    ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
