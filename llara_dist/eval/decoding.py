@@ -86,7 +86,9 @@ def greedy_decode(
     stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), device=device)
     mask = attention_mask.to(device)
     positions = positions_from_mask(mask)
-    out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    # logits_to_keep=1: only the last position's logits ([B, V] rather than [B, L, V], GBs for a 7B).
+    out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+             logits_to_keep=1)
     last_pos = positions[:, -1:]
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -161,9 +163,10 @@ def score_sequences(
     embeds = torch.cat([prompt_embeds.unsqueeze(0).expand(n, -1, -1), cont], dim=1)
     attn = torch.cat([torch.ones(n, plen, dtype=torch.long, device=device), tok_mask.long()], dim=1)
     positions = torch.arange(plen + tmax, device=device).unsqueeze(0).expand(n, -1)
-    logits = lm(inputs_embeds=embeds, attention_mask=attn, position_ids=positions).logits
-    # The logit at position p predicts token p + 1: candidate token j is predicted at plen - 1 + j.
-    logp = logits[:, plen - 1 : plen - 1 + tmax, :].float().log_softmax(-1)
+    # The logit at position p predicts token p + 1: candidate token j is predicted at plen - 1 + j,
+    # so only the last tmax + 1 positions' logits are needed (and computed), of which the first tmax.
+    logits = lm(inputs_embeds=embeds, attention_mask=attn, position_ids=positions, logits_to_keep=tmax + 1).logits
+    logp = logits[:, :tmax, :].float().log_softmax(-1)
     tok_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * tok_mask
     total = tok_logp.sum(-1).double()
     if length_norm:
