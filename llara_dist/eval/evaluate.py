@@ -282,7 +282,7 @@ def run_eval(cfg: Config, run_dir: str | Path, out_dir: str | Path | None = None
     """Evaluate a run on ``cfg.eval.split``; writes metrics.json + predictions.csv, returns the metrics."""
     import ray
 
-    from llara_dist.data.shards import load_meta, load_titles, read_split
+    from llara_dist.data.shards import load_meta, read_split
     from llara_dist.recommender.scoring import popularity_scores, score_candidates
     from llara_dist.recommender.table import load_item_table
 
@@ -291,7 +291,6 @@ def run_eval(cfg: Config, run_dir: str | Path, out_dir: str | Path | None = None
     export_dir = resolve_export(cfg, run_dir, checkpoint)
     shard_dir, split = cfg.data.shards, cfg.eval.split
     meta = load_meta(shard_dir)
-    titles = load_titles(shard_dir)
     samples = list(islice(read_split(shard_dir, split), cfg.eval.max_samples))
     if not samples:
         raise ConfigError(f"{shard_dir}: split {split!r} has no samples to evaluate")
