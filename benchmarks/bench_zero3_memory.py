@@ -63,7 +63,10 @@ def _rank(rank: int, world: int, port: int, args: dict, out_path: str) -> None:
     engine.backward(out.loss)
     engine.step()
 
-    param_bytes = sum(_tensor_bytes(getattr(p, "ds_tensor", p)) for p in engine.module.parameters())
+    # A partitioned parameter's full data is released (numel 0) and its partition is `ds_tensor`;
+    # small ones under stage3_param_persistence_threshold stay whole on every rank.
+    param_bytes = sum(_tensor_bytes(p.ds_tensor if p.numel() == 0 and hasattr(p, "ds_tensor") else p)
+                      for p in engine.module.parameters())
     opt = engine.optimizer
     optim_bytes = sum(_tensor_bytes(t) for t in getattr(opt, "fp32_partitioned_groups_flat", []))
     inner = getattr(opt, "optimizer", opt)

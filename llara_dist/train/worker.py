@@ -89,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     stage = zero_stage(ds_config)
     # Parameter values this rank holds vs the whole model: ~1/world under ZeRO-3.
-    params_local = sum(p.numel() for p in engine.module.parameters())
+    params_local = sum(_held(p) for p in engine.module.parameters())
     params_total = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
 
     stream = TrainStream(cfg.data.shards, batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
@@ -249,6 +249,14 @@ class _Window:
         step_time = seconds / world / steps  # mean over ranks
         return {"loss": loss / world / steps, "hybrid_share": self.hybrid / steps, "step_time_s": step_time,
                 "tokens_per_s": tokens / (step_time * steps) if step_time > 0 else 0.0}
+
+
+def _held(p) -> int:
+    """Values of parameter ``p`` this rank holds: its ZeRO-3 partition, or all of it if not partitioned
+    (or kept whole by stage3_param_persistence_threshold)."""
+    if p.numel() == 0 and hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel()
+    return p.numel()
 
 
 def _memory_gb(use_gpu: bool) -> float:

@@ -82,7 +82,7 @@ def test_loss_decreases_and_parameters_are_partitioned(reference):
     r = rows[STEPS]
     assert r["world_size"] == 2 and r["samples"] == STEPS * 4 * 2
     # ZeRO-3: rank 0 holds about half of the parameter values (small LoRA matrices stay whole).
-    assert r["params_local"] < 0.6 * r["params_total"], r
+    assert 0.45 * r["params_total"] < r["params_local"] < 0.6 * r["params_total"], r
 
 
 def test_periodic_validation_and_best_export(reference):
@@ -145,19 +145,24 @@ def test_export_loads_with_peft(reference):
 
 
 def test_continue_on_one_worker_via_universal_checkpoint(ray_session, reference, tiny_shards, tiny_rec, tmp_path):
-    """2 workers stop at step 6; the same command with scaling.num_workers=1 finishes the run."""
+    """2 workers stop at step 8 (checkpoints at 6 and 8); step 8 then loses a rank file, as a crash
+    during its copy would leave it. The same command with scaling.num_workers=1 detects that, falls
+    back to step 6, converts it to the universal format and finishes the run on one worker."""
     from llara_dist.train.driver import run_train
 
     ref = _rows(reference[0])
     run_dir = tmp_path / "resized"
-    run_train(_cfg(tiny_shards, tiny_rec, run_dir, f"train.stop_after_steps={EVERY}"))
-    assert sorted(_rows(run_dir)) == list(range(1, EVERY + 1)) and not (run_dir / "final").exists()
+    run_train(_cfg(tiny_shards, tiny_rec, run_dir, "train.stop_after_steps=8"))
+    assert sorted(_rows(run_dir)) == list(range(1, 9)) and not (run_dir / "final").exists()
+    broken = run_dir / "checkpoints" / "step_00000008"
+    (broken / "global_step8" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
 
     run_train(load_config(run_dir / "config.yaml", ["scaling.num_workers=1", "train.stop_after_steps=null"]))
     rows = _rows(run_dir)
     assert sorted(rows) == list(range(1, STEPS + 1))
     assert (run_dir / "checkpoints" / f"step_{EVERY:08d}" / f"global_step{EVERY}_universal" / "zero").is_dir()
-    for s in range(EVERY + 1, STEPS + 1):
+    assert not (broken / "global_step8_universal").exists()
+    for s in range(EVERY + 1, STEPS + 1):  # steps 7 and 8 were trained again, from step 6
         assert rows[s]["world_size"] == 1
         assert rows[s]["lr"] == pytest.approx(ref[s]["lr"])  # scheduler continued, not restarted
         assert rows[s]["hybrid"] == ref[s]["hybrid"]  # curriculum continued
