@@ -86,10 +86,14 @@ def _plot_training(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("step")
         if steps:
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label="measured")
-            if title == "hybrid share":  # the curriculum's schedule, next to what was drawn
-                p_steps, p_values = series(rows, ("hybrid_prob",))
+            # A companion series in the same panel: the curriculum's schedule next to what was
+            # drawn; the validation ValidRatio next to its HitRatio@1.
+            companion = {"hybrid share": ("hybrid_prob", "scheduled probability"),
+                         "validation HitRatio@1": ("valid/valid_ratio", "ValidRatio")}.get(title)
+            if companion:
+                p_steps, p_values = series(rows, (companion[0],))
                 if p_steps:
-                    ax.plot(p_steps, p_values, "--", color="tab:orange", label="scheduled probability")
+                    ax.plot(p_steps, p_values, "--", color="tab:orange", label=companion[1])
                     ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         else:
