@@ -20,7 +20,8 @@ def _make_run(tmp_path):
     run = tmp_path / "run"
     (run / "eval" / "test").mkdir(parents=True)
     log = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "hybrid_share": s / 10} for s in range(1, 11)]
-    log += [{"step": 5, "valid/hit_ratio@1": 0.1}, {"step": 10, "valid/hit_ratio@1": 0.2}]
+    log += [{"step": 5, "valid/hit_ratio@1": 0.1, "valid/valid_ratio": 0.5}, {"step": 10, "valid/hit_ratio@1": 0.2}]
+    log[0]["hybrid_prob"] = 0.0
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
     (run / "config.yaml").write_text("model: {name_or_path: tiny, dtype: float32}\ntrain: {lr: 0.001}\n")
     m = _metrics(0.25, 40, split="test", prompt="hybrid", decoding="free", valid_ratio=0.5,
