@@ -215,3 +215,25 @@ def test_killed_worker_resumes_from_latest_checkpoint(ray_session, reference, ti
     for s in range(1, STEPS + 1):
         assert rows[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5, abs=1e-6), s
         assert rows[s]["samples"] == ref[s]["samples"]
+
+
+def test_out_of_range_item_in_a_worker_fails_cleanly(ray_session, tiny_shards, tiny_rec, tmp_path):
+    """Only a worker can see a bad sample; the run must stop with its DataError, not hang in ZeRO-3."""
+    from llara_dist.data.shards import sha256_bytes, shard_records, tar_bytes
+    from llara_dist.errors import DataError
+    from llara_dist.train.driver import run_train
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    meta = json.loads((shards / "meta.json").read_text())
+    for entry in meta["shards"]["train"]:  # every shard, so the first batch already has one
+        samples = [json.loads(raw) for _, raw in shard_records(entry["name"], (shards / entry["name"]).read_bytes())]
+        samples[0]["history"][0] = 99_999
+        data = tar_bytes(samples)
+        (shards / entry["name"]).write_bytes(data)
+        entry["sha256"] = sha256_bytes(data)
+    (shards / "meta.json").write_text(json.dumps(meta))
+    t0 = time.time()
+    with pytest.raises(DataError, match=r"train-\d+\.tar: sample '.*': history: item id 99999 out of range"):
+        run_train(_cfg(tiny_shards, tiny_rec, tmp_path / "run", f"data.shards={shards}"))
+    assert time.time() - t0 < 300
