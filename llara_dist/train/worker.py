@@ -147,7 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not (log_now or ckpt_now or valid_now):
             continue
         # 7. A report: every rank reaches this at the same steps (it is a barrier).
-        row = window.reduce(dist, world, engine.device)
+        row = window.reduce(dist, world, engine.device, cfg.train.micro_batch_size * cfg.train.grad_accum * world)
         row.update(step=done, lr=float(engine.get_lr()[0]), hybrid_prob=curriculum.hybrid_probability(step),
                    hybrid=int(hybrid), epoch=stream.state_dict()["epoch"], samples=samples_seen,
                    memory_gb=_memory_gb(loop_config["use_gpu"]), world_size=world,
@@ -236,7 +236,7 @@ class _Window:
         self.steps += 1
         self.seconds += seconds
 
-    def reduce(self, dist, world: int, device) -> dict:
+    def reduce(self, dist, world: int, device, samples_per_step: int) -> dict:
         import torch
 
         t = torch.tensor([self.loss, float(self.tokens), self.seconds], dtype=torch.float64)
@@ -248,7 +248,8 @@ class _Window:
         steps = max(1, self.steps)
         step_time = seconds / world / steps  # mean over ranks
         return {"loss": loss / world / steps, "hybrid_share": self.hybrid / steps, "step_time_s": step_time,
-                "tokens_per_s": tokens / (step_time * steps) if step_time > 0 else 0.0}
+                "tokens_per_s": tokens / (step_time * steps) if step_time > 0 else 0.0,
+                "samples_per_s": samples_per_step / step_time if step_time > 0 else 0.0}
 
 
 def _held(p) -> int:

@@ -81,6 +81,7 @@ def test_loss_decreases_and_parameters_are_partitioned(reference):
     assert last < first - 0.3, (first, last)
     r = rows[STEPS]
     assert r["world_size"] == 2 and r["samples"] == STEPS * 4 * 2
+    assert r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] and r["memory_gb"] > 0
     # ZeRO-3: rank 0 holds about half of the parameter values (small LoRA matrices stay whole).
     assert 0.45 * r["params_total"] < r["params_local"] < 0.6 * r["params_total"], r
 
