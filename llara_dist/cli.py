@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and a Markdown summary of a run")
     p.add_argument("run_dir")
 
+    p = sub.add_parser("pretrain-base", help="train the tiny preset as a plain causal LM on the train split's "
+                       "text prompts and save it as a local HF checkpoint (CPU stand-in for a pretrained LLM)")
+    _common(p)
+    p.add_argument("--out", help="checkpoint directory (then use model.name_or_path=DIR)")
+    p.add_argument("--steps", type=int)
+
     p = sub.add_parser("demo", help="the embedded default end to end: synthetic data -> rec -> train -> eval")
     p.add_argument("--out", default="demo", help="output directory (default: ./demo)")
     p.add_argument("--workers", type=int, default=2)
@@ -149,6 +155,16 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_pretrain_base(args) -> int:
+    from llara_dist.model.warm_base import pretrain_base
+
+    cfg = _build_config(args, {"out": "pretrain.out", "steps": "pretrain.steps"})
+    summary = pretrain_base(cfg)
+    print(f"pretrain-base: {summary['steps']} steps, loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f} "
+          f"in {summary['seconds']:.0f} s; saved to {cfg.pretrain.out} (use model.name_or_path={cfg.pretrain.out})")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from llara_dist.demo import run_demo
 
@@ -163,6 +179,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": _cmd_eval,
     "report": _cmd_report,
     "demo": _cmd_demo,
+    "pretrain-base": _cmd_pretrain_base,
 }
 
 

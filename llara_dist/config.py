@@ -182,6 +182,21 @@ class EvalConfig(_Section):
     length_norm: bool = False
 
 
+class PretrainConfig(_Section):
+    """`llara-dist pretrain-base`: full-parameter causal-LM training of the tiny preset on the train
+    split's text-only prompts + answers, saved as a local Hugging Face checkpoint (a CPU stand-in
+    for a pretrained LLM that already reads and writes the catalogue's titles)."""
+
+    out: str = "runs/warm_base"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+
+
 class Config(_Section):
     run_dir: str = "runs/tiny"
     prepare: PrepareConfig = PrepareConfig()
@@ -193,6 +208,7 @@ class Config(_Section):
     scaling: ScalingSection = ScalingSection()
     ray: RaySection = RaySection()
     eval: EvalConfig = EvalConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
