@@ -1,7 +1,9 @@
 """MovieLens-100K end to end: LLaRA variants vs SASRec vs popularity under three decodings.
 
 One run: prepare the RecBole files (leave-last-out, 10 history items, 20 stored candidates, 943
-test users) -> SASRec -> for each LLaRA variant (text-only, hybrid with the linear curriculum,
+test users) -> SASRec -> a warm tiny base (`llara-dist pretrain-base`: all parameters trained as a
+causal LM on the train split's text-only prompts + answers, the CPU stand-in for a pretrained LLM;
+`--warm-base-steps 0` keeps the random tiny base) -> for each LLaRA variant (text-only, hybrid with the linear curriculum,
 hybrid-only) `llara-dist train` with Ray workers and DeepSpeed ZeRO-3 -> `llara-dist eval` with
 free, constrained and score decoding. Prints one Markdown table: HitRatio@1 with Wilson 95%
 intervals (and ValidRatio for free decoding, HR@5 / NDCG@10 for score decoding), all measured on
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--rec-epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of this process (SASRec); 1 is faster on shared cores")
+    ap.add_argument("--warm-base-steps", type=int, default=300,
+                    help="pretrain-base steps before LoRA training (0: the random-init tiny base)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("overrides", nargs="*", help="extra dotted config overrides for training and evaluation")
@@ -92,6 +96,7 @@ def main() -> None:
     from llara_dist.config import load_config
     from llara_dist.data.prepare import run_prepare
     from llara_dist.eval.evaluate import run_eval
+    from llara_dist.model.warm_base import pretrain_base
     from llara_dist.recommender.train import run_train_rec
     from llara_dist.train.driver import run_train
 
@@ -108,6 +113,17 @@ def main() -> None:
         run_train_rec(load_config(None, [f"data.shards={shards}", "rec.model=sasrec", f"rec.out={rec}",
                                          f"rec.epochs={args.rec_epochs}", "rec.patience=3"]))
 
+    # The warm base: every LLaRA variant below starts from the same checkpoint.
+    warm = work / f"warm_base-{args.warm_base_steps}"
+    base_overrides = []
+    if args.warm_base_steps > 0:
+        if not (warm / "config.json").is_file():
+            summary = pretrain_base(load_config(ROOT / "configs" / "tiny.yaml", [
+                f"data.shards={shards}", "data.max_length=1024", f"pretrain.out={warm}",
+                f"pretrain.steps={args.warm_base_steps}", *args.overrides]))
+            print(f"warm base: loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f} in {summary['seconds']:.0f} s")
+        base_overrides = [f"model.name_or_path={warm}"]
+
     # Each train/eval starts (and stops) its own local Ray session: with Ray 2.60 a second
     # TorchTrainer.fit in one session lost its workers ("placement group was removed").
 
@@ -117,13 +133,13 @@ def main() -> None:
             f"train.max_steps={args.steps}", "train.epochs=100", f"train.checkpoint_every={max(args.steps, 1)}",
             f"train.log_every={max(1, args.steps // 20)}", f"scaling.num_workers={args.workers}",
             f"eval.num_workers={args.workers}", "eval.batch_size=8", "eval.max_new_tokens=48",
-            *([f"eval.max_samples={args.users}"] if args.users else []), *extra, *args.overrides])
+            *([f"eval.max_samples={args.users}"] if args.users else []), *base_overrides, *extra, *args.overrides])
 
     rows, baselines, results = [], None, {}
     for name in args.variants:
         curriculum, prompt = VARIANTS[name]
         for seed in args.seeds:
-            run_dir = work / f"{name}-seed{seed}"
+            run_dir = work / (f"{name}-seed{seed}" + (f"-warm{args.warm_base_steps}" if base_overrides else ""))
             cfg = config(run_dir, [f"train.curriculum={curriculum}", f"train.seed={seed}", f"eval.prompt={prompt}"])
             train_s = None  # None: a finished run in --work was reused
             if not (run_dir / "final" / "llara_config.json").is_file():
@@ -151,7 +167,7 @@ def main() -> None:
     n = baselines["n"]
     print()
     print(f"ML-100K test users: {n}; {args.steps} steps per variant, {args.workers} Ray workers, "
-          f"tiny Llama ({os.cpu_count()} CPUs); total {time.perf_counter() - t_start:.0f} s")
+          f"tiny Llama, warm-base steps {args.warm_base_steps} ({os.cpu_count()} CPUs); total {time.perf_counter() - t_start:.0f} s")
     print(table)
     print(f"(outputs in {work})")
 
