@@ -1,11 +1,10 @@
 """Decoding for evaluation: free greedy, trie-constrained greedy, and candidate scoring.
 
 All three start from ``inputs_embeds`` (the prompt with item embeddings already injected by
-``LlaraModel.embed``) and drive a Hugging Face causal LM (PEFT-wrapped or not) directly, because
-evaluation needs three things ``generate()`` does not give together: a per-row prefix constraint,
-a stop rule that can be synchronised across ranks (under ZeRO-3 every forward is a collective, so
-a rank that stops early would leave the others waiting forever), and explicit position ids so a
-left-padded row decodes exactly as it would alone.
+``LlaraModel.embed``) and drive a Hugging Face causal LM (PEFT-wrapped or not) directly. Greedy
+decoding is the model package's one loop (``llara_dist.model.generation``: explicit positions, KV
+cache, a stop rule synchronised across ranks); evaluation adds the candidate-title trie that
+constrains it, and scoring.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from llara_dist.model.generation import greedy_generate
 
 _END = -1  # key of the trie node reached after a complete sequence
 
@@ -55,12 +56,6 @@ class CandidateTrie:
         return node is not None and _END in node
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """RoPE positions for left-padded rows: 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
 def greedy_decode(
     lm: torch.nn.Module,
     inputs_embeds: torch.Tensor,
@@ -72,68 +67,15 @@ def greedy_decode(
     tries: Sequence[CandidateTrie] | None = None,
     all_done: Callable[[bool], bool] | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding from left-padded ``inputs_embeds [B, L, D]``; returns each row's new tokens.
+    """Free (``tries=None``) or trie-constrained greedy decoding from left-padded ``inputs_embeds``.
 
-    Rows stop at any of ``stop_ids`` (not included in the result) or after ``max_new_tokens``.
-    ``tries`` (one per row) restrict each step to tokens continuing one of the row's sequences;
-    a constrained row stops when it emits a token that completes a sequence (EOS).
-    ``all_done(local_done) -> bool`` lets distributed callers keep stepping (with finished rows fed
-    padding) until every rank is done, so all ranks make the same number of forward calls.
+    ``tries`` (one per row) restrict each step to tokens continuing one of the row's candidate
+    sequences; a constrained row stops when it completes one (its EOS). Rows also stop at any of
+    ``stop_ids`` (not returned) or after ``max_new_tokens``. The loop, including the rank-synchronised
+    ``all_done`` stop rule, is the model's :func:`~llara_dist.model.generation.greedy_generate`.
     """
-    device = inputs_embeds.device
-    batch = inputs_embeds.shape[0]
-    embed_tokens = lm.get_input_embeddings()
-    stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), device=device)
-    mask = attention_mask.to(device)
-    positions = positions_from_mask(mask)
-    # logits_to_keep=1: only the last position's logits ([B, V] rather than [B, L, V], GBs for a 7B).
-    out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-             logits_to_keep=1)
-    last_pos = positions[:, -1:]
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()
-        if tries is not None:
-            logits = _constrain(logits, tries, generated, done)
-        next_tok = logits.argmax(-1)
-        next_tok = torch.where(done, torch.full_like(next_tok, pad_id), next_tok)
-        for i in range(batch):
-            if not done[i]:
-                generated[i].append(int(next_tok[i]))
-        finished_now = torch.isin(next_tok, stop)
-        if tries is not None:
-            finished_now |= torch.tensor([tries[i].complete(generated[i]) for i in range(batch)], device=device)
-        done |= finished_now
-        local_done = bool(done.all()) or step == max_new_tokens - 1
-        if (all_done(local_done) if all_done is not None else local_done):
-            break
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
-        last_pos = last_pos + 1
-        out = lm(
-            inputs_embeds=embed_tokens(next_tok[:, None]).to(inputs_embeds.dtype),
-            attention_mask=mask,
-            position_ids=last_pos,
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-    stop_set = set(int(s) for s in stop_ids)
-    return [row[:-1] if row and row[-1] in stop_set else row for row in generated]
-
-
-def _constrain(logits: torch.Tensor, tries: Sequence[CandidateTrie], generated: list[list[int]],
-               done: torch.Tensor) -> torch.Tensor:
-    allowed_mask = torch.zeros_like(logits, dtype=torch.bool)
-    for i, trie in enumerate(tries):
-        if done[i]:
-            allowed_mask[i] = True  # ignored: finished rows are fed padding
-            continue
-        allowed = trie.allowed(generated[i])
-        if allowed:
-            allowed_mask[i, allowed] = True
-        else:
-            allowed_mask[i] = True  # cannot happen on a well-formed trie; decode freely rather than NaN
-    return logits.masked_fill(~allowed_mask, float("-inf"))
+    return greedy_generate(lm, inputs_embeds, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                           pad_id=pad_id, constraints=tries, all_done=all_done)
 
 
 @torch.no_grad()

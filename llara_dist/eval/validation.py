@@ -14,6 +14,7 @@ Counts are summed over ranks, so every rank returns the same numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 from itertools import islice
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Sequence
 import torch
 
 from llara_dist.eval.evaluate import EvalSettings, evaluate_samples
+from llara_dist.model.generation import all_ranks_done
 
 
 def validation_subset(shard_dir: str | Path, n: int) -> list[dict]:
@@ -29,17 +31,6 @@ def validation_subset(shard_dir: str | Path, n: int) -> list[dict]:
     from llara_dist.data.shards import read_split
 
     return list(islice(read_split(shard_dir, "valid"), n))
-
-
-def _all_done_hook(device: torch.device):
-    import torch.distributed as dist
-
-    def all_done(local_done: bool) -> bool:
-        busy = torch.tensor([0.0 if local_done else 1.0], device=device)
-        dist.all_reduce(busy, op=dist.ReduceOp.SUM)
-        return busy.item() == 0
-
-    return all_done
 
 
 def validate_in_training(
@@ -67,8 +58,8 @@ def validate_in_training(
     per_rank = math.ceil(len(samples) / world_size)
     padded = part + [samples[0]] * (per_rank - len(part))
     device = next(model.parameters()).device
-    rows = evaluate_samples(model, tokenizer, padded, titles, item_table, settings,
-                            all_done=_all_done_hook(device) if distributed else None)[: len(part)]
+    all_done = functools.partial(all_ranks_done, device=device) if distributed else None
+    rows = evaluate_samples(model, tokenizer, padded, titles, item_table, settings, all_done=all_done)[: len(part)]
     counts = torch.tensor([sum(r["valid"] for r in rows), sum(r["correct"] for r in rows), len(rows)],
                           dtype=torch.float64, device=device)
     if distributed:

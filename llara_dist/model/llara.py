@@ -17,6 +17,7 @@ collective: under ZeRO-3 call those functions on every rank.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 import zlib
@@ -33,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llara_dist.config import Config, LoraConfig, ModelConfig
 from llara_dist.errors import CheckpointError, ConfigError
+from llara_dist.model.generation import all_ranks_done, greedy_generate, positions_from_mask
 from llara_dist.ops import inject_embeddings
 
 EXPORT_FORMAT = "llara-dist-export"
@@ -205,11 +207,6 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(d_rec, hidden), nn.GELU(), nn.Linear(hidden, d_model))
 
 
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """RoPE positions that start at 0 at each row's first real token (left or right padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def as_item_table(table: Tensor | np.ndarray) -> Tensor:
     """A tensor view of the frozen item table (a read-only numpy array from Ray's object store)."""
     if isinstance(table, np.ndarray):
@@ -315,45 +312,16 @@ class LlaraModel(nn.Module):
         Returns each row's new tokens, without the stop token. Uses the KV cache and per-row
         positions, so a row decodes the same alone or in any batch. ``sync_ranks`` (default: on
         when the weights are ZeRO-3 partitioned over several ranks) keeps stepping until every
-        rank is done, because each forward is then a collective.
+        rank is done, because each forward is then a collective. The loop is
+        :func:`llara_dist.model.generation.greedy_generate`.
         """
         if sync_ranks is None:
             sync_ranks = (_is_partitioned(self.projector[0].weight) and torch.distributed.is_initialized()
                           and torch.distributed.get_world_size() > 1)
-        device = input_ids.device
-        batch = input_ids.shape[0]
-        stop = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=device)
-        mask = attention_mask.clone()
+        all_done = functools.partial(all_ranks_done, device=input_ids.device) if sync_ranks else None
         embeds = self.embed(input_ids, slots, batch_items, item_table)
-        positions = positions_from_mask(mask)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                       use_cache=True, logits_to_keep=1)
-        next_pos = positions[:, -1:] + 1
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        steps: list[Tensor] = []  # token per row per step, -1 once a row has stopped
-        for step in range(max_new_tokens):
-            tok = out.logits[:, -1].argmax(-1)
-            stopped = done | torch.isin(tok, stop)
-            steps.append(torch.where(stopped, torch.full_like(tok, -1), tok))
-            done = stopped
-            if step == max_new_tokens - 1 or self._all_done(bool(done.all()), sync_ranks, device):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.lm(inputs_embeds=self.embed_tokens(tok[:, None]).to(embeds.dtype), attention_mask=mask,
-                           position_ids=next_pos, past_key_values=out.past_key_values, use_cache=True)
-            next_pos = next_pos + 1
-        if not steps:
-            return [[] for _ in range(batch)]
-        table = torch.stack(steps, dim=1).tolist()
-        return [[t for t in row if t >= 0] for row in table]
-
-    @staticmethod
-    def _all_done(local_done: bool, sync_ranks: bool, device: torch.device) -> bool:
-        if not sync_ranks:
-            return local_done
-        flag = torch.tensor([0 if local_done else 1], device=device)
-        torch.distributed.all_reduce(flag)
-        return int(flag.item()) == 0
+        return greedy_generate(self.lm, embeds, attention_mask, max_new_tokens=max_new_tokens,
+                               stop_ids=stop_token_ids, pad_id=self.pad_token_id, all_done=all_done)
 
 
 # ----------------------------------------------------------------------------------------------
