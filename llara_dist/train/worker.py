@@ -127,9 +127,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             prompts = [build_prompt(s, titles, mode="hybrid" if hybrid else "text", domain=domain,
                                     seed=cfg.train.seed) for s in samples]
             batch = collator(prompts)
+            items = batch["batch_items"]
+            if items.numel() == 0:
+                # Text batch: project the padding row anyway and inject it nowhere (all slots -1), so
+                # the projector is in every step's graph with an exactly zero gradient. Left out of
+                # the graph, DeepSpeed carries its last hybrid gradient state over text steps, state
+                # no checkpoint holds: a resumed run then drifts from an uninterrupted one.
+                items = torch.tensor([meta["n_items"]], dtype=torch.long)
             out = engine(input_ids=batch["input_ids"].to(engine.device),
                          attention_mask=batch["attention_mask"].to(engine.device),
-                         slots=batch["slots"].to(engine.device), batch_items=batch["batch_items"],
+                         slots=batch["slots"].to(engine.device), batch_items=items,
                          item_table=item_table, labels=batch["labels"].to(engine.device))
             loss = out.loss if hasattr(out, "loss") else out
             engine.backward(loss)

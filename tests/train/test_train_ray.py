@@ -46,7 +46,10 @@ def ray_session():
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+             # The controller collects reports (and registers checkpoints) every health check:
+             # poll often so the killed-worker test can wait for a registered checkpoint quickly.
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
     yield ray
     ray.shutdown()
 
@@ -178,17 +181,19 @@ def _kill_one_worker_after(run_dir: Path, step: int, killed: list, stop: threadi
     import psutil
 
     metrics = run_dir / "metrics.jsonl"
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
     while not stop.is_set():
         try:
             steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+            registered = f"step_{EVERY:08d}" in snapshot.read_text()  # Ray knows the checkpoint
         except (OSError, ValueError):
-            steps = []
-        if steps and max(steps) >= step:
+            steps, registered = [], False
+        if steps and max(steps) >= step and registered:
             for proc in psutil.Process().children(recursive=True):
                 try:
                     if "RayTrainWorker" in " ".join(proc.cmdline()):
                         proc.kill()
-                        killed.append((proc.pid, max(steps)))
+                        killed.append((proc.pid, max(steps), time.time()))
                         return
                 except psutil.Error:
                     continue
@@ -213,6 +218,8 @@ def test_killed_worker_resumes_from_latest_checkpoint(ray_session, reference, ti
     assert killed and EVERY < killed[0][1] < STEPS, killed
     rows, ref = _rows(run_dir), _rows(reference[0])
     assert sorted(rows) == list(range(1, STEPS + 1))
+    # Steps up to the checkpoint were trained once, before the kill; the rest again, after it.
+    assert rows[EVERY]["time"] < killed[0][2] < rows[EVERY + 1]["time"]
     for s in range(1, STEPS + 1):
         assert rows[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5, abs=1e-6), s
         assert rows[s]["samples"] == ref[s]["samples"]
