@@ -18,23 +18,14 @@ import numpy as np
 import torch
 
 
-@torch.no_grad()
-def _full_rows(lm, prompt_embeds, sequences, pad_id):
-    """The reference: [C, L + T] rows, the prompt repeated for every candidate, one forward."""
-    device = prompt_embeds.device
-    n, plen = len(sequences), prompt_embeds.shape[0]
-    tmax = max(len(s) for s in sequences)
-    ids = torch.full((n, tmax), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(n, tmax, dtype=torch.bool, device=device)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = True
-    embeds = torch.cat([prompt_embeds.unsqueeze(0).expand(n, -1, -1), lm.get_input_embeddings()(ids)], 1)
-    attn = torch.cat([torch.ones(n, plen, dtype=torch.long, device=device), mask.long()], 1)
-    pos = torch.arange(plen + tmax, device=device).unsqueeze(0).expand(n, -1)
-    logits = lm(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, logits_to_keep=tmax + 1).logits
-    logp = logits[:, :tmax].float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1).double().cpu().numpy()
+def _full_rows(model, prompt_ids, sequences, table):
+    """The reference: `LlaraModel.continuation_logprobs` over [C, L + T] rows, the prompt repeated
+    for every candidate, one forward."""
+    n, device = len(sequences), prompt_ids.device
+    ids = prompt_ids.unsqueeze(0).expand(n, -1)
+    return model.continuation_logprobs(ids, torch.ones_like(ids), torch.full_like(ids, -1),
+                                       torch.empty(0, dtype=torch.long, device=device), table,
+                                       sequences).double().cpu().numpy()
 
 
 def _timed(fn, device, repeats):
@@ -75,8 +66,9 @@ def main() -> None:
     model = build_model(cfg, tok, rec_dim=64).to(args.device).eval()
     lm = model.lm
     g = torch.Generator().manual_seed(0)
-    prompts = [lm.get_input_embeddings()(torch.randint(10, len(tok) - 8, (args.length,), generator=g).to(args.device))
-               for _ in range(args.prompts)]
+    prompt_ids = [torch.randint(10, len(tok) - 8, (args.length,), generator=g).to(args.device) for _ in range(args.prompts)]
+    prompts = [lm.get_input_embeddings()(ids) for ids in prompt_ids]
+    table = torch.zeros(1, 64)  # text prompts: nothing is injected
     cands = [[torch.randint(10, len(tok) - 8, (1 + (c % args.title_tokens),), generator=g).tolist() + [tok.eos_token_id]
               for c in range(args.candidates)] for _ in prompts]
     pad = tok.pad_token_id
@@ -84,7 +76,8 @@ def main() -> None:
     with torch.no_grad():
         cached, t_cached = _timed(lambda: [score_sequences(lm, p, c, pad_id=pad) for p, c in zip(prompts, cands)],
                                   args.device, args.repeats)
-        full, t_full = _timed(lambda: [_full_rows(lm, p, c, pad) for p, c in zip(prompts, cands)], args.device, args.repeats)
+        full, t_full = _timed(lambda: [_full_rows(model, ids, c, table) for ids, c in zip(prompt_ids, cands)],
+                              args.device, args.repeats)
     worst = max(float(np.abs(a - b).max()) for a, b in zip(cached, full))
     assert worst < 1e-3, f"cached and full-row scores differ by {worst}"
     assert all(int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(cached, full))

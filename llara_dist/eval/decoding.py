@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from llara_dist.model.generation import greedy_generate
+from llara_dist.model.generation import greedy_generate, pad_right
 
 _END = -1  # key of the trie node reached after a complete sequence
 
@@ -97,12 +97,8 @@ def score_sequences(
     """
     device = prompt_embeds.device
     n, plen = len(sequences), prompt_embeds.shape[0]
-    tmax = max(len(s) for s in sequences)
-    ids = torch.full((n, tmax), pad_id, dtype=torch.long, device=device)
-    tok_mask = torch.zeros(n, tmax, dtype=torch.bool, device=device)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        tok_mask[i, : len(seq)] = True
+    ids, tok_mask = pad_right(sequences, pad_id, device)
+    tmax = ids.shape[1]
     # 1. The prompt, once: its last logit predicts every candidate's first token.
     out = lm(inputs_embeds=prompt_embeds.unsqueeze(0), attention_mask=torch.ones(1, plen, dtype=torch.long, device=device),
              position_ids=torch.arange(plen, device=device).unsqueeze(0), use_cache=True, logits_to_keep=1)

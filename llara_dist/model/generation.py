@@ -25,6 +25,19 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """Token sequences as right-padded ``ids [N, T]`` (long) and ``mask [N, T]`` (bool, True on real
+    tokens); ``T`` is the longest sequence's length (0 when all are empty)."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool, device=device)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, : len(seq)] = True
+    return ids, mask
+
+
 class PrefixConstraint(Protocol):
     """Which tokens may follow a row's generated ``prefix``, and when the row is finished."""
 

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llara_dist.config import Config, LoraConfig, ModelConfig
 from llara_dist.errors import CheckpointError, ConfigError
-from llara_dist.model.generation import all_ranks_done, greedy_generate, positions_from_mask
+from llara_dist.model.generation import all_ranks_done, greedy_generate, pad_right, positions_from_mask
 from llara_dist.ops import inject_embeddings
 
 EXPORT_FORMAT = "llara-dist-export"
@@ -286,16 +286,11 @@ class LlaraModel(nn.Module):
         """
         if len(continuations) != input_ids.shape[0]:
             raise ValueError(f"continuation_logprobs: {len(continuations)} continuations for {input_ids.shape[0]} prompts")
-        device = input_ids.device
-        width = max((len(c) for c in continuations), default=0)
-        cont = torch.full((len(continuations), width), self.pad_token_id, dtype=torch.long, device=device)
-        cont_mask = torch.zeros_like(cont)
-        for b, c in enumerate(continuations):
-            cont[b, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
-            cont_mask[b, : len(c)] = 1
+        cont, cont_mask = pad_right(continuations, self.pad_token_id, input_ids.device)
+        width = cont.shape[1]
         prompt = self.embed(input_ids, slots, batch_items, item_table)
         embeds = torch.cat([prompt, self.embed_tokens(cont).to(prompt.dtype)], dim=1)
-        mask = torch.cat([attention_mask.to(cont_mask.dtype), cont_mask], dim=1)
+        mask = torch.cat([attention_mask.long(), cont_mask.long()], dim=1)
         # Token t of the continuation is predicted at position plen - 1 + t: only the last
         # width + 1 positions need logits (a [B, L, V] tensor is large for a 32k vocabulary).
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
