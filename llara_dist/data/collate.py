@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llara_dist.data.prompts import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_TOKEN, Prompt
+from llara_dist.data.tokenizer import encode_answers
 from llara_dist.errors import DataError
 
 IGNORE_INDEX = -100
@@ -86,7 +87,7 @@ class TrainCollator(_Collator):
 
     def __call__(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
         prompt_ids = self._prompt_ids(prompts)
-        answer_ids = self.tokenizer([p.answer for p in prompts], add_special_tokens=False)["input_ids"]
+        answer_ids = encode_answers(self.tokenizer, [p.answer for p in prompts])
         rows = []
         for p, ids, ans in zip(prompts, prompt_ids, answer_ids):
             p, ids = self._fit(p, ids, len(ans) + 1)

@@ -36,6 +36,33 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
+# Every prompt template ends with this; the answer follows it after a space.
+ANSWER_CUE = "Answer:"
+
+
+def encode_answers(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) -> list[list[int]]:
+    """The tokens of each answer as it reads in running text after the prompt's ``Answer:``.
+
+    Not ``tokenizer(answer)``: a byte-level BPE (GPT-2, Llama-3, Qwen, the tiny preset) encodes a
+    word at the start of a text differently from the same word after a space (``Toy`` vs
+    ``ĠToy``). Every title in the prompt's lists follows a space, so an answer tokenised alone
+    would start with a different id than the candidate it names, and the model could not learn to
+    copy the candidate's tokens (measured on the tiny preset: every answer's first token differed).
+    SentencePiece tokenizers (Llama-2) put the word boundary in front of a text anyway; for them
+    the result equals ``tokenizer(answer)``. Falls back to that when the cue's tokens are not a
+    prefix of the joint encoding (a tokenizer merging across the space), and for an empty answer.
+    """
+    cue = tokenizer(ANSWER_CUE, add_special_tokens=False)["input_ids"]
+    joint = tokenizer([f"{ANSWER_CUE} {a}" for a in answers], add_special_tokens=False)["input_ids"]
+    out = []
+    for answer, ids in zip(answers, joint):
+        if answer and ids[:len(cue)] == cue and len(ids) > len(cue):
+            out.append(list(ids[len(cue):]))
+        else:
+            out.append(list(tokenizer(answer, add_special_tokens=False)["input_ids"]))
+    return out
+
+
 def _training_corpus(titles: Sequence[str]) -> list[str]:
     corpus = list(titles)
     for templates in TEMPLATES.values():

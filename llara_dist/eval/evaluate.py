@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from llara_dist.config import Config
+from llara_dist.data.tokenizer import encode_answers
 from llara_dist.errors import CheckpointError, ConfigError
 from llara_dist.eval.decoding import CandidateTrie, greedy_decode, score_sequences
 from llara_dist.eval.metrics import generation_metrics, match_answer, ranking_metrics
@@ -58,10 +59,10 @@ class EvalSettings:
 def answer_token_ids(tokenizer, title: str) -> list[int]:
     """The tokens training puts after the prompt for ``title``, ending with EOS.
 
-    Mirrors ``TrainCollator``: the answer is tokenised on its own (no special tokens) and EOS
-    appended, so the trie and the scores see exactly the sequences the model was trained on.
+    Mirrors ``TrainCollator`` (`encode_answers`, then EOS), so the trie and the scores see exactly
+    the sequences the model was trained on.
     """
-    return list(tokenizer(title, add_special_tokens=False)["input_ids"]) + [int(tokenizer.eos_token_id)]
+    return encode_answers(tokenizer, [title])[0] + [int(tokenizer.eos_token_id)]
 
 
 @functools.lru_cache(maxsize=8)

@@ -8,7 +8,7 @@ import torch
 from llara_dist.data.collate import IGNORE_INDEX, GenerationCollator, TrainCollator
 from llara_dist.data.prompts import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_TOKEN, build_prompt, template_index
 from llara_dist.data.shards import load_meta, load_titles, read_split, train_candidates
-from llara_dist.data.tokenizer import build_tiny_tokenizer, prepare_tokenizer
+from llara_dist.data.tokenizer import build_tiny_tokenizer, encode_answers, prepare_tokenizer
 from llara_dist.errors import DataError
 
 
@@ -94,7 +94,8 @@ def test_train_collator(data, tokenizer):
         assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
         lab = batch["labels"][row]
         answer = lab[lab != IGNORE_INDEX].tolist()
-        assert answer[-1] == tokenizer.eos_token_id and tokenizer.decode(answer[:-1]) == p.answer
+        # The answer reads as running text after "Answer:" (a leading space), ending with EOS.
+        assert answer[-1] == tokenizer.eos_token_id and tokenizer.decode(answer[:-1]) == " " + p.answer
         assert lab[n - 1] == tokenizer.eos_token_id  # labels end at the last real token
         assert (lab[n:] == IGNORE_INDEX).all()
 
@@ -137,7 +138,7 @@ def test_too_long_prompts_lose_their_oldest_history_items(data, tokenizer):
     assert 1 <= dropped < len(sample["history"])
     assert kept == sample["history"][dropped:] + sample["candidates"]  # the oldest ones went
     lab = batch["labels"][0]
-    assert tokenizer.decode(lab[lab != IGNORE_INDEX].tolist()[:-1]) == prompts[0].answer
+    assert tokenizer.decode(lab[lab != IGNORE_INDEX].tolist()[:-1]) == " " + prompts[0].answer
     # generation prompts are fitted the same way
     gen = GenerationCollator(tokenizer, max_length=n - 20)
     with pytest.warns(UserWarning):
@@ -169,3 +170,31 @@ def test_other_hf_tokenizer_without_pad(data):
     prompts = [build_prompt(s, titles, mode="hybrid", domain="movie", seed=0) for s in train[:4]]
     batch = TrainCollator(tok, 2048)(prompts)
     _check_slot_map(batch, prompts, tok)
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_answer_tokens_are_the_candidates_tokens(data, tokenizer):
+    """The answer is encoded exactly as its title is inside the candidate list, so a model can copy it.
+
+    Encoded on its own, a byte-level BPE starts a text with a different token than the same word
+    after a space; every answer would then begin with an id that never occurs in its prompt.
+    """
+    _, titles, train, _ = data
+    collate = TrainCollator(tokenizer, max_length=1024)
+    prompts = [build_prompt(s, titles, mode="hybrid", domain="movie", seed=0) for s in train[:8]]
+    batch = collate(prompts)
+    differs = 0
+    for row, p in enumerate(prompts):
+        lab = batch["labels"][row]
+        answer = lab[lab != IGNORE_INDEX].tolist()[:-1]
+        n = int((lab == IGNORE_INDEX).long().argmin())  # the prompt ends where the labels start
+        assert _contains(batch["input_ids"][row, :n].tolist(), answer), p.answer
+        alone = tokenizer(p.answer, add_special_tokens=False)["input_ids"]
+        differs += alone != answer
+    assert differs > 0  # why the plain encoding is wrong for this tokenizer
+    # The helper agrees with the collator and falls back to the plain encoding for an empty answer.
+    assert encode_answers(tokenizer, [prompts[0].answer])[0] == batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()[:-1]
+    assert encode_answers(tokenizer, [""]) == [tokenizer("", add_special_tokens=False)["input_ids"]]
