@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from llara_dist.config import Config, save_config
+from llara_dist.config import Config, PretrainConfig, save_config
 from llara_dist.data.collate import IGNORE_INDEX, TrainCollator
 from llara_dist.data.prompts import build_prompt
 from llara_dist.data.samples import train_candidates
@@ -57,7 +57,7 @@ def _batches(samples: list[dict], titles: list[str], cfg: Config, domain: str, n
         epoch += 1
 
 
-def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
     """Linear warm-up, then cosine decay to lr/100."""
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -70,6 +70,33 @@ def _lm_batch(collator: TrainCollator, prompts: list) -> dict[str, torch.Tensor]
     batch = collator(prompts)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def fit_causal_lm(model: torch.nn.Module, tokenizer, batches: Iterator[list], p: PretrainConfig,
+                  max_length: int, *, progress: bool = True) -> list[float]:
+    """Train every parameter of ``model`` as a causal LM on ``p.steps`` batches of prompts (+ answers).
+
+    AdamW with `lr_at`'s schedule and ``p``'s settings; returns the loss of every step.
+    """
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    collator = TrainCollator(tokenizer, max_length)
+    losses: list[float] = []
+    bar = tqdm(range(p.steps), desc="pretrain-base", disable=not progress, mininterval=5, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, p.steps, p.warmup_steps, p.lr)
+        batch = _lm_batch(collator, next(batches))
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if p.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
 
 
 def pretrain_base(cfg: Config, out_dir: str | Path | None = None, *, progress: bool = True) -> dict:
@@ -100,30 +127,12 @@ def pretrain_base(cfg: Config, out_dir: str | Path | None = None, *, progress: b
     # Starts from the same seeded random weights as the plain tiny preset (model.tiny.seed).
     model = build_tiny_llama(cfg.model.tiny, tokenizer, len(tokenizer), dtype, cfg.model.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    collator = TrainCollator(tokenizer, cfg.data.max_length)
     batches = _batches(samples, titles, cfg, domain, int(meta["n_items"]), int(meta["num_candidates"]))
-
-    losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(p.steps), desc="pretrain-base", disable=not progress, mininterval=5, dynamic_ncols=True)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, p.steps, p.warmup_steps, p.lr)
-        batch = _lm_batch(collator, next(batches))
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if p.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    losses = fit_causal_lm(model, tokenizer, batches, p, cfg.data.max_length, progress=progress)
     seconds = time.perf_counter() - t0
 
     out.mkdir(parents=True, exist_ok=True)
-    model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_config(cfg, out / "pretrain_config.yaml")
