@@ -12,10 +12,10 @@ are asserted identical across the three ways before any time is printed.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from _timing import timed
 
 
 def _model(args):
@@ -69,16 +69,6 @@ def _uncached(model, ids, mask, slots, batch_items, table, n_new):
     return out
 
 
-def _timed(fn, device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    result = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - t0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=256)
@@ -107,7 +97,7 @@ def main() -> None:
     times = {}
     for name, fn in [("generate, batch %d" % args.batch, batched), ("generate, batch 1 x %d" % args.batch, one_by_one),
                      ("no KV cache, batch 1 x %d" % args.batch, lambda: _uncached(model, ids, mask, slots, items, table, n))]:
-        rows[name], times[name] = _timed(fn, args.device)
+        rows[name], times[name] = timed(fn, args.device)
     first = next(iter(rows.values()))
     for name, r in rows.items():
         assert r == first, f"{name} decoded different tokens"

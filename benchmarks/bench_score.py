@@ -12,10 +12,10 @@ equal (to float32 rounding) before any time is printed.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from _timing import timed
 
 
 def _full_rows(model, prompt_ids, sequences, table):
@@ -26,19 +26,6 @@ def _full_rows(model, prompt_ids, sequences, table):
     return model.continuation_logprobs(ids, torch.ones_like(ids), torch.full_like(ids, -1),
                                        torch.empty(0, dtype=torch.long, device=device), table,
                                        sequences).double().cpu().numpy()
-
-
-def _timed(fn, device, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
 
 
 def main() -> None:
@@ -74,9 +61,9 @@ def main() -> None:
     pad = tok.pad_token_id
 
     with torch.no_grad():
-        cached, t_cached = _timed(lambda: [score_sequences(lm, p, c, pad_id=pad) for p, c in zip(prompts, cands)],
+        cached, t_cached = timed(lambda: [score_sequences(lm, p, c, pad_id=pad) for p, c in zip(prompts, cands)],
                                   args.device, args.repeats)
-        full, t_full = _timed(lambda: [_full_rows(model, ids, c, table) for ids, c in zip(prompt_ids, cands)],
+        full, t_full = timed(lambda: [_full_rows(model, ids, c, table) for ids, c in zip(prompt_ids, cands)],
                               args.device, args.repeats)
     worst = max(float(np.abs(a - b).max()) for a, b in zip(cached, full))
     assert worst < 1e-3, f"cached and full-row scores differ by {worst}"

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,16 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from llara_dist.config import load_config
+from llara_dist.data.collate import GenerationCollator, TrainCollator
+from llara_dist.data.prompts import build_prompt
+from llara_dist.eval.decoding import score_sequences
+from llara_dist.eval.evaluate import answer_token_ids, causal_lm
+from llara_dist.eval.metrics import wilson_interval
+from llara_dist.model.llara import build_model, load_tokenizer
+from llara_dist.model.warm_base import lr_at
 
-from llara_dist.config import load_config  # noqa: E402
-from llara_dist.data.collate import GenerationCollator, TrainCollator  # noqa: E402
-from llara_dist.data.prompts import build_prompt  # noqa: E402
-from llara_dist.eval.evaluate import answer_token_ids  # noqa: E402
-from llara_dist.eval.metrics import wilson_interval  # noqa: E402
-from llara_dist.model.llara import build_model, load_tokenizer  # noqa: E402
-from llara_dist.model.warm_base import lr_at  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ADJECTIVES = ("amber azure bitter bold brave bright broken calm cold crimson dark deep distant dry "
               "early empty fallen final frozen gentle golden green hidden hollow iron last lonely lost "
@@ -109,18 +108,20 @@ def warm_tiny_base(cfg, titles: list[str], samples: list[dict], steps: int, out:
 
 @torch.no_grad()
 def score_hits(model, tokenizer, samples, titles, table, device) -> list[bool]:
-    """Score decoding: rank each sample's candidates by the log-likelihood of their titles."""
+    """Score decoding as `llara-dist eval --decoding score` does it: each prompt runs once and its
+    candidates' titles are scored over the shared KV cache; the best-scored candidate is the answer."""
     collate = GenerationCollator(tokenizer, max_length=4096)
+    lm, pad_id = causal_lm(model), int(tokenizer.pad_token_id)
     answers = {}
     hits = []
     model.eval()
     for s in samples:
-        prompt = build_prompt(s, titles, mode="hybrid", domain="movie", seed=0)
-        b = {k: v.to(device) for k, v in collate([prompt] * len(s["candidates"])).items()}
+        b = collate([build_prompt(s, titles, mode="hybrid", domain="movie", seed=0)])
+        b = {k: v.to(device) for k, v in b.items()}
+        embeds = model.embed(b["input_ids"], b["slots"], b["batch_items"], table)[0]
         seqs = [answers.setdefault(c, answer_token_ids(tokenizer, titles[c])) for c in s["candidates"]]
-        scores = model.continuation_logprobs(b["input_ids"], b["attention_mask"], b["slots"], b["batch_items"],
-                                             table, seqs)
-        hits.append(s["candidates"][int(scores.argmax())] == s["target"])
+        scores = score_sequences(lm, embeds, seqs, pad_id=pad_id)
+        hits.append(s["candidates"][int(np.argmax(scores))] == s["target"])
     model.train()
     return hits
 
