@@ -1,4 +1,4 @@
-"""Wall-clock timing shared by the benchmark scripts (imported from the scripts' own directory)."""
+"""Wall-clock timing and result rows shared by the benchmark scripts (imported from the scripts' own directory)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,12 @@ def timed(fn: Callable[[], T], device: str, repeats: int = 1) -> tuple[T, float]
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return out, best
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    """Result rows for `gpu_check.sh`'s table: each has ``check``, ``setting`` and ``result`` (text)
+    plus the raw numbers."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)

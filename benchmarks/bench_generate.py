@@ -7,28 +7,37 @@ are asserted identical across the three ways before any time is printed.
 
     python benchmarks/bench_generate.py                      # CPU, a small Llama shape
     python benchmarks/bench_generate.py --hidden 1024 --layers 8 --device cuda
+    python benchmarks/bench_generate.py --preset llama2-7b --dtype bfloat16 --device cuda   # random 7B
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import numpy as np
 import torch
-from _timing import timed
+from _models import bench_titles, random_model_overrides
+from _timing import timed, write_rows
 
 
-def _model(args):
+def _model(args, tmp: str):
     from llara_dist.config import load_config
     from llara_dist.model.llara import build_model, load_tokenizer
 
-    h = args.hidden
-    cfg = load_config(None, [f"model.tiny.hidden_size={h}", f"model.tiny.num_hidden_layers={args.layers}",
-                             f"model.tiny.num_attention_heads={max(1, h // 64)}", f"model.tiny.intermediate_size={4 * h}",
-                             "model.tiny.vocab_size=4096", f"model.dtype={args.dtype}"])
-    titles = [f"Item {i} {w}" for i, w in enumerate("alpha beta gamma delta epsilon zeta eta theta".split() * 100)]
+    if args.preset:
+        cfg = load_config(None, random_model_overrides(args.preset, tmp, args.dtype))
+    else:
+        h = args.hidden
+        cfg = load_config(None, [f"model.tiny.hidden_size={h}", f"model.tiny.num_hidden_layers={args.layers}",
+                                 f"model.tiny.num_attention_heads={max(1, h // 64)}",
+                                 f"model.tiny.intermediate_size={4 * h}", "model.tiny.vocab_size=4096",
+                                 f"model.dtype={args.dtype}"])
+    titles = bench_titles(800)
     tok = load_tokenizer(cfg.model, titles)
-    return build_model(cfg, tok, rec_dim=64).to(args.device).eval(), tok, len(titles)
+    with torch.device(args.device):  # a random 7B initialises in seconds on the GPU
+        model = build_model(cfg, tok, rec_dim=64)
+    return model.to(args.device).eval(), tok, len(titles)
 
 
 def _prompts(args, tok, n_items):
@@ -78,9 +87,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", help="a real architecture with random weights (_models.PRESETS) instead of --hidden/--layers")
+    ap.add_argument("--smoke", action="store_true", help="the smoke preset, short prompts: checks the script runs")
+    ap.add_argument("--json", help="also write the result rows as JSON here")
     args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.batch, args.length, args.new_tokens = "smoke", 4, 80, 4
     torch.manual_seed(0)
-    model, tok, n_items = _model(args)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-generate-")
+    model, tok, n_items = _model(args, tmp.name)
     table = np.random.default_rng(0).standard_normal((n_items + 1, 64)).astype(np.float32)
     ids, mask, slots, items = (t.to(args.device) for t in _prompts(args, tok, n_items))
     n = args.new_tokens
@@ -99,15 +114,31 @@ def main() -> None:
                      ("no KV cache, batch 1 x %d" % args.batch, lambda: _uncached(model, ids, mask, slots, items, table, n))]:
         rows[name], times[name] = timed(fn, args.device)
     first = next(iter(rows.values()))
-    for name, r in rows.items():
-        assert r == first, f"{name} decoded different tokens"
+    flat = [t for row in first for t in row]
+    agree = min(np.mean([a == b for a, b in zip(flat, [t for row in r for t in row])]) for r in rows.values())
+    if args.dtype == "float32":
+        for name, r in rows.items():
+            assert r == first, f"{name} decoded different tokens"
+    # In half precision, kernels for different batch shapes round differently; with random weights
+    # (near-flat logits) a greedy pick can flip, so agreement is reported rather than asserted.
     total = args.batch * n
     base = times[next(iter(times))]
-    print(f"greedy generation: hidden {args.hidden}, {args.layers} layers, prompts {args.length} tokens "
-          f"(left-padded), {n} new tokens x {args.batch} rows, {args.dtype} on {args.device}; outputs identical")
+    shape = args.preset or f"hidden {args.hidden}, {args.layers} layers"
+    setting = (f"{shape}, {args.dtype}, {args.batch} prompts of {args.length} tokens (left-padded), "
+               f"{n} new tokens each, {args.device}")
+    print(f"greedy generation: {setting}; tokens identical across the three ways: {100 * agree:.0f}%")
     print(f"{'way':<28}{'seconds':>10}{'tokens/s':>12}{'vs batched':>12}")
     for name, t in times.items():
         print(f"{name:<28}{t:>10.2f}{total / t:>12.1f}{t / base:>11.1f}x")
+    if args.json:
+        (t_batch, t_one, t_nocache) = times.values()
+        write_rows(args.json, [{"check": "batched generation", "setting": setting,
+                                "result": f"{total / t_batch:,.0f} new tokens/s batched; one prompt at a time "
+                                          f"{t_one / t_batch:.1f}x slower, no KV cache {t_nocache / t_batch:.1f}x; "
+                                          f"same tokens {100 * agree:.0f}%",
+                                "tokens_per_s": total / t_batch, "vs_one_by_one": t_one / t_batch,
+                                "vs_no_cache": t_nocache / t_batch}])
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@ it in the DeepSpeed engine `llara-dist train` would build (`build_ds_config` fro
 
     torchrun --nproc_per_node 8 benchmarks/bench_gpu_throughput.py --config configs/movielens.yaml
     python benchmarks/bench_gpu_throughput.py --config configs/tiny.yaml      # 1 GPU
+    python benchmarks/bench_gpu_throughput.py --random-init --config configs/movielens.yaml \
+        train.ds_config=ds_configs/zero2.json                                 # Llama-2-7B shape, no weights
 
-Without CUDA it prints that and exits (`--device cpu` runs the same code on CPU as a smoke check).
+`--random-init` builds the `--preset` architecture (default Llama-2-7B) with random weights from a
+config-only checkout (`_models.py`): tokens/s and MFU do not depend on the weights' values.
+Without CUDA it prints that and exits (`--device cpu` runs the same code on CPU; `--smoke` is the
+tiny preset on CPU, as the test suite runs it).
 MFU counts LoRA training FLOPs per token as 4 x N_base (forward + activation gradients; the frozen
 base has no weight gradients) + 8 x layers x length x hidden (attention), against `--peak-tflops`
 (default 989: H100/H200 dense bf16).
@@ -19,7 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
+
+from _models import bench_titles, random_model_overrides
+from _timing import write_rows
 
 
 def main() -> None:
@@ -31,7 +40,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--random-init", action="store_true", help="random weights of --preset (no checkpoint needed)")
+    ap.add_argument("--preset", default="llama2-7b", help="architecture for --random-init (see _models.PRESETS)")
+    ap.add_argument("--smoke", action="store_true", help="tiny preset on CPU, 2 steps: checks the script runs")
+    ap.add_argument("--json", help="also write the result row as JSON here")
     a = ap.parse_args()
+    if a.smoke:
+        a.device, a.random_init, a.preset, a.steps, a.warmup, a.length = "cpu", True, "smoke", 2, 1, 64
 
     import torch
 
@@ -54,12 +69,17 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if a.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    cfg = load_config(a.config, list(a.overrides) + [f"scaling.use_gpu={a.device == 'cuda'}"])
-    titles = [f"Item {i} {w}" for i, w in enumerate("alpha beta gamma delta epsilon zeta eta theta".split() * 300)]
-    tok = load_tokenizer(cfg.model, titles)
+    overrides = list(a.overrides) + [f"scaling.use_gpu={a.device == 'cuda'}"]
+    tmp = tempfile.TemporaryDirectory(prefix="bench-gpu-")
+    if a.random_init:
+        overrides = random_model_overrides(a.preset, tmp.name, "bfloat16") + overrides
+    cfg = load_config(a.config, overrides)
+    tok = load_tokenizer(cfg.model, bench_titles())
     hidden = _hidden_size(cfg)
     ds = build_ds_config(cfg, world_size=world, total_steps=10_000, hidden_size=hidden)
-    model = build_model(cfg, tok, rec_dim=64, ds_config=ds)
+    # Built on the device: a random 7B initialises in seconds there, in minutes on the host.
+    with torch.device(f"cuda:{torch.cuda.current_device()}" if a.device == "cuda" else "cpu"):
+        model = build_model(cfg, tok, rec_dim=64, ds_config=ds)
     n_base = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if not p.requires_grad)
     n_layers = model.lm.get_base_model().config.num_hidden_layers
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -92,15 +112,25 @@ def main() -> None:
     tps = tokens / t
     flops_per_token = 4 * n_base + 8 * n_layers * L * hidden
     mfu = flops_per_token * tps / (a.peak_tflops * 1e12)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else float("nan")
+    mem = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None
     if rank == 0:
         name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-        print(f"\n{cfg.model.name_or_path}: {n_base / 1e9:.2f}B base parameters, {os.path.basename(cfg.train.ds_config)}, "
-              f"{cfg.model.dtype}, {world} x {name}\n")
+        model_name = f"random {a.preset}" if a.random_init else cfg.model.name_or_path
+        ds_name = os.path.basename(cfg.train.ds_config)
+        print(f"\n{model_name}: {n_base / 1e9:.2f}B base parameters, {ds_name}, {cfg.model.dtype}, "
+              f"LoRA r{cfg.lora.r}, gradient checkpointing {cfg.model.gradient_checkpointing}, "
+              f"{cfg.model.attn_implementation or 'default'} attention, {world} x {name}\n")
         print("| micro batch x accum | tokens/sample | step s | tokens/s per device | MFU | peak GiB |")
         print("|---|---|---|---|---|---|")
         print(f"| {B} x {cfg.train.grad_accum} | {L} | {t:.3f} | {tps:.0f} | "
-              f"{100 * mfu:.1f}% | {mem:.1f} |")
+              f"{100 * mfu:.1f}% | {'-' if mem is None else f'{mem:.1f}'} |")
+        if a.json:
+            setting = (f"{model_name}, {ds_name}, {cfg.model.dtype}, LoRA r{cfg.lora.r}, micro {B} x accum "
+                       f"{cfg.train.grad_accum} x {L} tokens, {world} x {name}")
+            result = f"{tps:,.0f} tokens/s, MFU {100 * mfu:.1f}%, step {t:.2f} s" + ("" if mem is None else f", peak {mem:.1f} GiB")
+            write_rows(a.json, [{"check": "training step (LoRA)", "setting": setting, "result": result,
+                                 "tokens_per_s": tps, "mfu": mfu, "step_s": t, "peak_gib": mem}])
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -7,15 +7,18 @@ equal (to float32 rounding) before any time is printed.
 
     python benchmarks/bench_score.py                         # CPU, a small Llama shape
     python benchmarks/bench_score.py --hidden 1024 --layers 8 --device cuda
+    python benchmarks/bench_score.py --preset llama2-7b --dtype bfloat16 --device cuda   # random 7B
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import numpy as np
 import torch
-from _timing import timed
+from _models import bench_titles, random_model_overrides
+from _timing import timed, write_rows
 
 
 def _full_rows(model, prompt_ids, sequences, table):
@@ -42,15 +45,26 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--preset", help="a real architecture with random weights (_models.PRESETS) instead of --hidden/--layers")
+    ap.add_argument("--smoke", action="store_true", help="the smoke preset, 2 prompts: checks the script runs")
+    ap.add_argument("--json", help="also write the result rows as JSON here")
     args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.prompts, args.repeats, args.length = "smoke", 2, 1, 64
     torch.manual_seed(0)
-    h = args.hidden
-    cfg = load_config(None, [f"model.tiny.hidden_size={h}", f"model.tiny.num_hidden_layers={args.layers}",
-                             f"model.tiny.num_attention_heads={max(1, h // 64)}", f"model.tiny.intermediate_size={4 * h}",
-                             "model.tiny.vocab_size=4096"])
-    titles = [f"Item {i} {w}" for i, w in enumerate("alpha beta gamma delta epsilon zeta eta theta".split() * 100)]
-    tok = load_tokenizer(cfg.model, titles)
-    model = build_model(cfg, tok, rec_dim=64).to(args.device).eval()
+    tmp = tempfile.TemporaryDirectory(prefix="bench-score-")
+    if args.preset:
+        cfg = load_config(None, random_model_overrides(args.preset, tmp.name, args.dtype))
+    else:
+        h = args.hidden
+        cfg = load_config(None, [f"model.tiny.hidden_size={h}", f"model.tiny.num_hidden_layers={args.layers}",
+                                 f"model.tiny.num_attention_heads={max(1, h // 64)}",
+                                 f"model.tiny.intermediate_size={4 * h}", "model.tiny.vocab_size=4096",
+                                 f"model.dtype={args.dtype}"])
+    tok = load_tokenizer(cfg.model, bench_titles(800))
+    with torch.device(args.device):  # a random 7B initialises in seconds on the GPU
+        model = build_model(cfg, tok, rec_dim=64).to(args.device).eval()
     lm = model.lm
     g = torch.Generator().manual_seed(0)
     prompt_ids = [torch.randint(10, len(tok) - 8, (args.length,), generator=g).to(args.device) for _ in range(args.prompts)]
@@ -66,15 +80,29 @@ def main() -> None:
         full, t_full = timed(lambda: [_full_rows(model, ids, c, table) for ids, c in zip(prompt_ids, cands)],
                               args.device, args.repeats)
     worst = max(float(np.abs(a - b).max()) for a, b in zip(cached, full))
-    assert worst < 1e-3, f"cached and full-row scores differ by {worst}"
-    assert all(int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(cached, full))
+    # Half precision rounds the shared-cache and full-row paths differently; float32 agrees to 1e-3.
+    tol = 1e-3 if cfg.model.dtype == "float32" else 0.5
+    assert worst < tol, f"cached and full-row scores differ by {worst}"
+    same_choice = sum(int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(cached, full))
+    if cfg.model.dtype == "float32":
+        assert same_choice == len(cached)
 
-    print(f"{args.prompts} prompts x {args.candidates} candidates, prompt {args.length} tokens, hidden {h}, "
-          f"{args.layers} layers, {args.device}; best of {args.repeats}; max |score difference| {worst:.1e}")
+    shape = args.preset or f"hidden {args.hidden}, {args.layers} layers"
+    setting = (f"{shape}, {cfg.model.dtype}, {args.prompts} prompts x {args.candidates} candidates, "
+               f"prompt {args.length} tokens, {args.device}")
+    print(f"{setting}; best of {args.repeats}; max |score difference| {worst:.1e}; "
+          f"same top candidate {same_choice}/{len(cached)}")
     print("| way | seconds | per prompt (ms) | speed-up |")
     print("|---|---|---|---|")
     for name, t in (("prompt + candidate per row", t_full), ("shared prompt KV cache", t_cached)):
         print(f"| {name} | {t:.3f} | {1000 * t / args.prompts:.1f} | {t_full / t:.1f}x |")
+    if args.json:
+        write_rows(args.json, [{"check": "score decoding", "setting": setting,
+                                "result": f"{1000 * t_cached / args.prompts:.1f} ms/prompt shared KV cache vs "
+                                          f"{1000 * t_full / args.prompts:.1f} full rows ({t_full / t_cached:.1f}x); "
+                                          f"max abs diff {worst:.1e}",
+                                "ms_per_prompt": 1000 * t_cached / args.prompts, "speedup": t_full / t_cached}])
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

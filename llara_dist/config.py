@@ -100,6 +100,10 @@ class ModelConfig(_Section):
     # Load a local checkpoint straight into ZeRO-3 partitions (deepspeed.zero.Init) so no rank ever
     # holds the whole model; needs a stage-3 ds_config. The tiny preset is always built whole.
     zero_init: bool = False
+    # Build the architecture in name_or_path's config.json with random weights instead of loading
+    # them: throughput and memory do not depend on the values (benchmarks, capacity planning before
+    # the weights are at hand). The tokenizer still comes from the directory.
+    random_init: bool = False
 
 
 class LoraConfig(_Section):

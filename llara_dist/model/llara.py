@@ -167,11 +167,31 @@ def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
             from transformers.integrations import HfDeepSpeedConfig
 
             hf_ds = HfDeepSpeedConfig(ds_config)
-        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if model_cfg.random_init:
+            base = _random_base(path, kwargs)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         base._llara_hf_ds_config = hf_ds  # keep it alive: transformers holds only a weak reference
     base_vocab_size = _add_token_rows(base, tokenizer)
     base.config.pad_token_id = tokenizer.pad_token_id
     return base, base_vocab_size
+
+
+def _random_base(path: Path, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """The architecture of ``path/config.json`` with random weights (``model.random_init``).
+
+    Built on the current default device (``with torch.device("cuda"):`` initialises a 7B model in
+    seconds; on the CPU it takes minutes) and, under a live ZeRO-3 config, straight into partitions.
+    Seeded, so every rank draws the same weights.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    kwargs = {k: v for k, v in kwargs.items() if k != "local_files_only"}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def _add_token_rows(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
