@@ -4,6 +4,9 @@ Forward + backward, side by side in one run:
 - loop: a faithful re-implementation of the original (per sample, find the placeholder positions
   with `nonzero()`, write the k-th projected item of the sample into the k-th position);
 - op: `llara_dist.ops.inject_embeddings` (torch kernel on CPU, Triton kernels on CUDA);
+- torch.where gather: what the op computes, in one line of stock PyTorch
+  (`torch.where(slots >= 0, rows[slots.clamp(min=0)], inputs_embeds)`), which the op's custom
+  kernels must beat to be worth keeping;
 - op, frozen inputs: the same when `inputs_embeds` needs no grad (frozen token embeddings, the
   usual LoRA case): the backward only reads the placeholder positions;
 - copy floor: a plain out-of-place copy of `inputs_embeds` forward and of its grad backward, the
@@ -16,6 +19,8 @@ frozen table) against the lookup followed by the op, and against the lookup alon
 
     python benchmarks/bench_inject.py                 # big (B=16, L=512, D=4096, 30/sample) + small
     python benchmarks/bench_inject.py --cases small --dtype bfloat16
+    python benchmarks/bench_inject.py --device cuda --dtype bfloat16 --cases big --json rows.json
+    python benchmarks/bench_inject.py --smoke        # tiny, CPU: checks the script runs
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from _timing import write_rows
 from torch import Tensor
 
 from llara_dist.ops import embed_and_inject, inject_embeddings
@@ -44,6 +50,7 @@ class Case:
 CASES = {
     "big": Case("big", batch=16, length=512, dim=4096, per_sample=30),
     "small": Case("small", batch=4, length=128, dim=512, per_sample=10),
+    "smoke": Case("smoke", batch=2, length=32, dim=64, per_sample=4),
 }
 
 
@@ -73,11 +80,22 @@ def original_loop(x: Tensor, items: Tensor, is_placeholder: Tensor) -> Tensor:
 def with_op(x: Tensor, items: Tensor, is_placeholder: Tensor) -> Tensor:
     """The same through the op: the batch's rows flattened, slots naming each placeholder's row."""
     batch, per_sample, dim = items.shape
+    return inject_embeddings(x, _slots(is_placeholder, per_sample), items.reshape(batch * per_sample, dim))
+
+
+def _slots(is_placeholder: Tensor, per_sample: int) -> Tensor:
     # k-th placeholder of sample b takes row b * P + k (a cumsum, no host sync).
     rank_in_sample = is_placeholder.long().cumsum(dim=1) - 1
-    base = torch.arange(batch, device=x.device).unsqueeze(1) * per_sample
-    slots = torch.where(is_placeholder, base + rank_in_sample, -1)
-    return inject_embeddings(x, slots, items.reshape(batch * per_sample, dim))
+    base = torch.arange(is_placeholder.shape[0], device=is_placeholder.device).unsqueeze(1) * per_sample
+    return torch.where(is_placeholder, base + rank_in_sample, -1)
+
+
+def with_where(x: Tensor, items: Tensor, is_placeholder: Tensor) -> Tensor:
+    """The op's result in stock PyTorch: gather every position's row, keep it where a slot is set."""
+    batch, per_sample, dim = items.shape
+    slots = _slots(is_placeholder, per_sample)
+    rows = items.reshape(batch * per_sample, dim)[slots.clamp(min=0)]
+    return torch.where((slots >= 0).unsqueeze(-1), rows, x)
 
 
 class _CopyFloor(torch.autograd.Function):
@@ -127,10 +145,17 @@ def time_methods(runs: dict[str, Callable[[], object]], repeats: dict[str, int],
 def check_identical(case: Case, x, items, mask, grad) -> None:
     out_loop, gx_loop, gi_loop = forward_backward(original_loop, x, items, mask, grad)
     out_op, gx_op, gi_op = forward_backward(with_op, x, items, mask, grad)
+    out_w, gx_w, gi_w = forward_backward(with_where, x, items, mask, grad)
     for what, a, b in (("output", out_loop, out_op), ("grad inputs_embeds", gx_loop, gx_op),
                        ("grad items", gi_loop, gi_op)):
         if not torch.equal(a, b):
             raise AssertionError(f"{case.name}: op and loop differ in {what}")
+    # index_put's scatter-add may sum a repeated row's grads in another order: equal to rounding.
+    tol = dict(rtol=0, atol=0) if gi_op.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for what, a, b in (("output", out_op, out_w), ("grad inputs_embeds", gx_op, gx_w)):
+        if not torch.equal(a, b):
+            raise AssertionError(f"{case.name}: op and torch.where differ in {what}")
+    torch.testing.assert_close(gi_w, gi_op, **tol, msg=f"{case.name}: op and torch.where differ in grad items")
     _, _, gi_frozen = forward_backward(with_op, x, items, mask, grad, inputs_grad=False)
     if not torch.equal(gi_frozen, gi_loop):
         raise AssertionError(f"{case.name}: frozen-inputs op differs in grad items")
@@ -181,7 +206,11 @@ def main() -> None:
     parser.add_argument("--loop-repeats", type=int, default=1, help="timed runs of the loop")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--vocab", type=int, default=32000, help="token table rows (fused table)")
+    parser.add_argument("--smoke", action="store_true", help="the smoke case on CPU, few repeats: checks the script runs")
+    parser.add_argument("--json", help="also write the first table's rows as JSON here (gpu_check.sh)")
     args = parser.parse_args()
+    if args.smoke:
+        args.cases, args.device, args.repeats, args.vocab = "smoke", "cpu", 2, 256
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -193,6 +222,7 @@ def main() -> None:
     print(f"device={args.device} kernel={kernel} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
 
+    json_rows: list[dict] = []
     header = f"{'case':<6} {'shape (B,L,D,P)':<20} {'method':<20} {'fwd+bwd ms':>11} " \
              f"{'vs loop':>9} {'vs copy':>8}"
     print(header)
@@ -204,6 +234,7 @@ def main() -> None:
         methods = [
             ("loop (original)", original_loop, True, args.loop_repeats),
             ("op", with_op, True, args.repeats),
+            ("torch.where gather", with_where, True, args.repeats),
             ("op, frozen inputs", with_op, False, args.repeats),
             ("copy floor", copy_floor, True, args.repeats),
         ]
@@ -214,8 +245,17 @@ def main() -> None:
         for label, ms in results.items():
             print(f"{case.name:<6} {shape:<20} {label:<20} {ms:>11.2f} "
                   f"{results['loop (original)'] / ms:>8.1f}x {ms / results['copy floor']:>7.2f}x")
+            setting = f"B{case.batch} L{case.length} D{case.dim}, {case.per_sample} items/sample, {args.dtype}, {args.device}"
+            json_rows.append({"check": "injection fwd+bwd", "setting": f"{label}: {setting}",
+                              "result": f"{ms:.2f} ms; {results['loop (original)'] / ms:.1f}x faster than the loop, "
+                                        f"{ms / results['copy floor']:.2f}x of a copy, "
+                                        f"{ms / results['torch.where gather']:.2f}x of torch.where",
+                              "ms": ms, "method": label, "case": case.name})
         del x, items, mask, grad
-    print("outputs and gradients of op and loop: identical (asserted)")
+    print("outputs and gradients of op and loop: identical (asserted); torch.where: equal up to rounding of "
+          "repeated rows' summed grads")
+    if args.json:
+        write_rows(args.json, [r for r in json_rows if r["method"] != "op, frozen inputs"])
 
     print()
     header = f"{'case':<6} {'shape (B,L,D,P)':<20} {'method (frozen table)':<20} " \

@@ -132,6 +132,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(100, ge=1)
     keep_last: int = Field(3, ge=1)
     ds_config: str = "ds_configs/zero3.json"
+    # torch: torch.optim.AdamW through DeepSpeed (fused kernel on CUDA), nothing to compile.
+    # deepspeed: DeepSpeed's own FusedAdam (GPU) / DeepSpeedCPUAdam (optimizer offload), JIT-compiled
+    # at start-up: needs nvcc and CUDA_HOME (GPU) or a C++ toolchain (offload).
+    optimizer: Literal["torch", "deepspeed"] = "torch"
     valid_every: int | None = Field(None, ge=1)
     valid_samples: int = Field(64, ge=1)
     seed: int = 42

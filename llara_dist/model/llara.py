@@ -367,7 +367,10 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         try:
-            lm = get_peft_model(base, lora)
+            # LoRA in the base's dtype, not PEFT's default fp32: DeepSpeed needs every trainable weight
+            # in one dtype (ZeRO-3 with zero_init skips its own cast and asserts on a mix), and its
+            # bf16/fp16 optimizers keep the fp32 master copy themselves (exports read that copy).
+            lm = get_peft_model(base, lora, autocast_adapter_dtype=False)
         except ValueError as e:  # e.g. no module matches target_modules
             raise ConfigError(f"lora.target_modules: {e}") from None
         projector = Projector(rec_dim, d_model, cfg.model.projector_hidden).to(base.dtype)
@@ -430,6 +433,19 @@ def _special_rows(model: LlaraModel) -> dict[str, Tensor]:
     return tensors
 
 
+def _fp32_master(p: Tensor) -> Tensor | None:
+    """The optimizer's full fp32 master copy of a bf16/fp16 trainable weight, where DeepSpeed keeps
+    one (None otherwise). Exports read it: the half-precision copy has lost the small updates that
+    the master copy still holds. Under ZeRO-3 this is a collective."""
+    if p.dtype == torch.float32 or not p.requires_grad:
+        return None
+    try:
+        from deepspeed.utils import safe_get_full_fp32_param
+    except ImportError:
+        return None
+    return safe_get_full_fp32_param(p)
+
+
 def save_export(model: LlaraModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
                 extra_config: dict[str, Any] | None = None) -> Path:
     """Write a self-contained export of ``model`` (gathers ZeRO-3 partitions: call on every rank).
@@ -441,6 +457,10 @@ def save_export(model: LlaraModel, tokenizer: PreTrainedTokenizerBase, out_dir: 
     params = list(trainable_parameters(model))
     state = {}
     for name, p in params:  # one at a time: never more than one full LoRA matrix gathered
+        master = _fp32_master(p)
+        if master is not None:
+            state[name] = master.detach().to("cpu", copy=True)
+            continue
         with _gathered([p]):
             state[name] = p.detach().to("cpu", copy=True)
     return save_export_from_state(model, state, tokenizer, out_dir, extra_config)

@@ -92,11 +92,18 @@ def build_ds_config(cfg: Config, *, world_size: int, total_steps: int, hidden_si
     if "optimizer" in ds:
         _fill(ds, "optimizer.params.lr", t.lr, "train.lr", src)
         _fill(ds, "optimizer.params.weight_decay", t.weight_decay, "train.weight_decay", src)
-        # torch's AdamW compiles nothing; with optimizer offload on GPUs DeepSpeedCPUAdam is faster.
-        _fill(ds, "optimizer.params.torch_adam", not cfg.scaling.use_gpu, "scaling.use_gpu (torch_adam)", src)
+        torch_adam = t.optimizer == "torch"
+        _fill(ds, "optimizer.params.torch_adam", torch_adam, "train.optimizer (torch_adam)", src)
+        offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+        if torch_adam and offload:
+            # DeepSpeed insists on its compiled CPU Adam for offloaded states unless told otherwise.
+            _fill(ds, "zero_force_ds_cpu_optimizer", False, "train.optimizer (torch)", src)
+        if torch_adam and cfg.scaling.use_gpu and not offload:
+            # One fused CUDA kernel for all trainable tensors instead of one launch per tensor.
+            _fill(ds, "optimizer.params.fused", True, "train.optimizer (torch) on GPU", src)
     else:
         raise ConfigError(f"{src}: no \"optimizer\" section; expected e.g. "
-                          "{\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\", \"torch_adam\": true}}")
+                          "{\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\", \"torch_adam\": \"auto\"}}")
     if "scheduler" in ds:
         _fill(ds, "scheduler.params.total_num_steps", total_steps, "train.max_steps / train.epochs", src)
         # DeepSpeed requires a positive warm-up; 1 step means "start at lr" (no warm-up to speak of).

@@ -38,6 +38,30 @@ def test_ds_config_filled_from_yaml(template):
     assert ds["zero_optimization"]["stage"] == (2 if "zero2" in template else 3)
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("template", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
+@pytest.mark.parametrize("use_gpu", [True, False])
+def test_every_shipped_config_fills_every_template_for_its_target(config, template, use_gpu):
+    """The paper configs target GPUs: their templates must fill for use_gpu true as well as on CPU
+    (the shipped templates once hard-coded torch_adam and refused every GPU run)."""
+    cfg = load_config(ROOT / "configs" / config, [f"train.ds_config={ROOT / 'ds_configs' / template}",
+                                                  f"scaling.use_gpu={use_gpu}"])
+    ds = build_ds_config(cfg, world_size=8, total_steps=100, hidden_size=4096)
+    params = ds["optimizer"]["params"]
+    offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+    # Default: torch's AdamW, nothing to JIT-compile (FusedAdam needs nvcc + CUDA_HOME).
+    assert params["torch_adam"] is True
+    assert params.get("fused", False) is (use_gpu and not offload)
+    if offload:
+        assert ds["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_deepspeed_optimizer_only_when_asked():
+    cfg = load_config(ROOT / "configs/movielens.yaml", ["train.optimizer=deepspeed"])
+    ds = build_ds_config(cfg, world_size=8, total_steps=100, hidden_size=4096)
+    assert ds["optimizer"]["params"]["torch_adam"] is False and "fused" not in ds["optimizer"]["params"]
+
+
 def test_ds_config_contradicting_yaml_is_refused(tmp_path):
     ds = json.loads((ROOT / "ds_configs/zero3.json").read_text())
     ds["optimizer"]["params"]["lr"] = 1e-5
