@@ -74,9 +74,24 @@ def load_tokenizer(model_cfg: ModelConfig, titles: Sequence[str]) -> PreTrainedT
     if model_cfg.name_or_path == "tiny":
         tokenizer = build_tiny_tokenizer(list(titles), model_cfg.tiny.vocab_size)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(_model_dir(model_cfg), local_files_only=True)
+        path = _model_dir(model_cfg)
+        _check_tokenizer_files(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     prepare_tokenizer(tokenizer)
     return tokenizer
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """A checkout with only a SentencePiece ``tokenizer.model`` (no ``tokenizer.json``) needs the
+    sentencepiece package; without it transformers falls through to a misleading tiktoken error."""
+    if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise ConfigError(f"model.name_or_path: {path / 'tokenizer.model'} is a SentencePiece model and the "
+                          "checkout has no tokenizer.json; install sentencepiece to read it "
+                          "(pip install sentencepiece protobuf)")
 
 
 def _llara_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
@@ -128,24 +143,27 @@ def _stable_seed(token: str) -> int:
 
 
 @torch.no_grad()
-def _init_new_rows(weight: Tensor, start: int, tokens: Sequence[str]) -> None:
-    """Rows ``start..`` := mean of the old rows + a small per-token seeded perturbation.
+def _init_new_rows(weight: Tensor, n_trained: int, rows: dict[int, str]) -> None:
+    """Each row ``i`` of ``rows`` := mean of the trained rows ``[:n_trained]`` + a small seeded
+    perturbation, computed on the weight's own device and in its dtype.
 
     The mean keeps the new tokens' logits and embeddings in the old distribution; the seed per
-    token string makes the rows identical on every rebuild, on every rank, in every process.
+    token string makes the rows identical on every rebuild, on every rank, in every process (the
+    noise is drawn on the CPU, where a seeded generator gives the same numbers everywhere, then
+    moved to the weight: a GPU or ``meta`` weight works alike).
     """
-    old = weight[:start].float()
+    old = weight[:n_trained].float()
     mean, std = old.mean(0), old.std(0)
-    for i, tok in enumerate(tokens):
+    for i, tok in sorted(rows.items()):
         gen = torch.Generator().manual_seed(_stable_seed(tok))
-        noise = torch.randn(weight.shape[1], generator=gen)
-        weight[start + i] = (mean + 0.1 * std * noise).to(weight.dtype)
+        noise = torch.randn(weight.shape[1], generator=gen).to(weight.device)
+        weight[i] = (mean + 0.1 * std * noise).to(weight.dtype)
 
 
 def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
-               ds_config: dict | None) -> tuple[PreTrainedModel, int]:
-    """The frozen base LM with one embedding (and LM-head) row per token of ``tokenizer``, and the
-    number of rows the checkpoint came with."""
+               ds_config: dict | None) -> tuple[PreTrainedModel, int, list[int]]:
+    """The frozen base LM with one embedding (and LM-head) row per token of ``tokenizer``, the
+    number of rows the checkpoint came with, and the rows given fresh values."""
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.name_or_path == "tiny":
         from llara_dist.model.tiny import build_tiny_llama
@@ -172,9 +190,9 @@ def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
         else:
             base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         base._llara_hf_ds_config = hf_ds  # keep it alive: transformers holds only a weak reference
-    base_vocab_size = _add_token_rows(base, tokenizer)
+    base_vocab_size, rows_set = _add_token_rows(base, tokenizer)
     base.config.pad_token_id = tokenizer.pad_token_id
-    return base, base_vocab_size
+    return base, base_vocab_size, rows_set
 
 
 def _random_base(path: Path, kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -194,25 +212,46 @@ def _random_base(path: Path, kwargs: dict[str, Any]) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def _add_token_rows(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Grow the embeddings to the tokenizer, give the new rows deterministic values; returns the
-    number of rows the checkpoint had."""
+def _rows_to_set(tokenizer: PreTrainedTokenizerBase, old_n: int) -> dict[int, str]:
+    """Rows that hold no trained embedding for a token of ``tokenizer``: every row added beyond the
+    checkpoint's ``old_n``, and the rows of the tokens LLaRA added (placeholders, a pad of its own)
+    that fall on a checkpoint's spare rows (Qwen2.5 ships 152,064 rows for a smaller tokenizer:
+    those rows exist but were never trained)."""
+    from llara_dist.data.prompts import SPECIAL_TOKENS
+    from llara_dist.data.tokenizer import PAD
+
+    ours = [*SPECIAL_TOKENS, *([PAD] if tokenizer.pad_token == PAD else [])]
+    rows = {int(tokenizer.convert_tokens_to_ids(t)): t for t in ours}
+    # Below vocab_size a token is part of the tokenizer's own trained vocabulary (the tiny preset
+    # trains its placeholders in), so its row is the checkpoint's.
+    rows = {i: t for i, t in rows.items() if i >= tokenizer.vocab_size}
+    new_n = len(tokenizer)
+    rows.update({i: t for i, t in zip(range(old_n, new_n), tokenizer.convert_ids_to_tokens(list(range(old_n, new_n))))})
+    return rows
+
+
+def _add_token_rows(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, list[int]]:
+    """Grow the embeddings to the tokenizer if needed and give every row without a trained value
+    deterministic values; returns the number of rows the checkpoint had and the rows set."""
     emb = base.get_input_embeddings()
     old_n = int(_full_shape(emb.weight)[0])
     new_n = len(tokenizer)
-    if new_n <= old_n:  # e.g. a checkpoint whose vocabulary is padded beyond its tokenizer
-        return old_n
-    # transformers gathers/re-partitions ZeRO-3 weights itself during the resize.
-    base.resize_token_embeddings(new_n, mean_resizing=False)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(old_n, new_n)))
+    if new_n > old_n:
+        # transformers gathers/re-partitions ZeRO-3 weights itself during the resize.
+        base.resize_token_embeddings(new_n, mean_resizing=False)
+    rows = _rows_to_set(tokenizer, old_n)
+    if not rows:
+        return old_n, []
+    # The mean and spread come from the tokenizer's trained vocabulary, not from spare rows.
+    n_trained = min(old_n, tokenizer.vocab_size)
     weights = [base.get_input_embeddings().weight]
     head = base.get_output_embeddings()
     if head is not None and head.weight is not weights[0]:
         weights.append(head.weight)
     with _gathered(weights, modifier_rank=0):
         for w in weights:
-            _init_new_rows(w, old_n, tokens)
-    return old_n
+            _init_new_rows(w, n_trained, rows)
+    return old_n, sorted(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +393,7 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
     """
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
-    base, base_vocab_size = _load_base(cfg.model, tokenizer, ds_config)
+    base, base_vocab_size, rows_set = _load_base(cfg.model, tokenizer, ds_config)
     base.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (our inputs are embeddings).
@@ -383,11 +422,15 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
         "projector_hidden": int(cfg.model.projector_hidden or d_model),
         "vocab_size": len(tokenizer),
         "base_vocab_size": base_vocab_size,  # rows the checkpoint came with
+        "initialized_rows": rows_set,  # rows given mean + noise values (new or spare rows)
         "special_token_ids": _llara_token_ids(tokenizer),
         "pad_token_id": int(tokenizer.pad_token_id),
         "eos_token_id": int(tokenizer.eos_token_id),
     }
-    return LlaraModel(lm, projector, meta)
+    # Training mode from the start: from_pretrained returns eval mode, which silently disables
+    # gradient checkpointing and LoRA dropout until something calls .train() (load_export and
+    # evaluation switch to eval mode themselves).
+    return LlaraModel(lm, projector, meta).train()
 
 
 def trainable_parameters(model: LlaraModel) -> Iterator[tuple[str, nn.Parameter]]:
@@ -420,7 +463,8 @@ def _frozen_base_params(model: LlaraModel) -> Iterator[tuple[str, nn.Parameter]]
 def _special_rows(model: LlaraModel) -> dict[str, Tensor]:
     """Embedding and LM-head rows of the LLaRA tokens, pad and every row added to the checkpoint."""
     added = range(model.meta["base_vocab_size"], model.meta["vocab_size"])
-    ids = sorted({*model.meta["special_token_ids"].values(), model.meta["pad_token_id"], *added})
+    ids = sorted({*model.meta["special_token_ids"].values(), model.meta["pad_token_id"], *added,
+                  *model.meta.get("initialized_rows", [])})
     base = model.lm.get_base_model()
     tensors = {"token_ids": torch.tensor(ids, dtype=torch.long)}
     named = {"input_rows": base.get_input_embeddings().weight}
