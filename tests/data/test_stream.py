@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llara_dist.data.shards import check_shards, load_meta, read_split, tar_bytes
-from llara_dist.data.stream import TrainStream
+from llara_dist.data.stream import TrainStream, canonical_ranges, digit_reversal
 from llara_dist.errors import DataError
 
 BS = 8
@@ -93,6 +93,17 @@ def test_each_rank_reads_about_one_over_world_of_the_bytes(tiny_shards, single):
     with pytest.warns(UserWarning, match="does not divide"):
         five = _stream(tiny_shards, 0, 5)
     assert five.reads_fraction == 1.0
+
+
+def test_digit_reversal_gives_contiguous_ranges_for_prefix_world_sizes():
+    rev = digit_reversal(192)
+    assert sorted(rev.tolist()) == list(range(192))
+    for world in (1, 2, 4, 8, 16, 32, 64, 192):
+        for r in range(world):
+            mine = sorted(rev[r::world].tolist())
+            assert mine == list(range(mine[0], mine[0] + 192 // world))  # one contiguous block
+    assert sorted(rev[0::3].tolist()) != list(range(64))  # 3 divides 192 but is not a prefix: scattered
+    assert canonical_ranges(10 ** 6) == 192 and canonical_ranges(100) == 96 and canonical_ranges(5) == 4
 
 
 def test_epochs_reshuffle_and_candidates_are_drawn(tiny_shards, single):
