@@ -238,6 +238,9 @@ def test_edited_shard_is_named_when_a_rank_reads_it(tiny_shards, tmp_path):
     data = bytearray((d / bad["name"]).read_bytes())
     data[600] ^= 0xFF
     (d / bad["name"]).write_bytes(bytes(data))
+    assert len(check_shards(d, "train")[0]) == len(meta["shards"]["train"])  # the quick check: a listing
+    with pytest.raises(DataError, match=f"{bad['name']}: corrupt shard: sha256"):
+        check_shards(d, "train", hashes=True)  # the full check hashes every shard
     s = _stream(d)
     assert s.bytes_read == 0  # construction lists the directory, it reads no shard
     with pytest.raises(DataError, match=f"{bad['name']}: corrupt shard: sha256"):
