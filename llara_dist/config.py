@@ -53,6 +53,9 @@ class DataConfig(_Section):
 
     shards: str = "shards/synthetic"
     shuffle_buffer: int = Field(1000, ge=1)
+    # The stream's fixed order parallelism: world sizes dividing it read 1/world of the shard bytes
+    # per rank (docs/data.md). 192 = 2^6 x 3; e.g. 768 for 128 or 256 ranks. Part of the resume state.
+    canonical_ranges: int = Field(192, ge=1)
     skip_corrupt: bool = False
     max_length: int = Field(1024, ge=16)  # token budget per prompt (+answer)
     domain: Literal["movie", "game", "artist"] | None = None  # default: from meta.json

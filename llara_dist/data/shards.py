@@ -20,6 +20,7 @@ from pathlib import Path
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from llara_dist.data.samples import SPLITS, train_candidates  # noqa: F401  (train_candidates re-exported)
+from llara_dist.data.storage import ShardDir, unpack
 from llara_dist.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -81,17 +82,18 @@ def write_split(out_dir: Path, split: str, samples: list[dict], samples_per_shar
 
 
 # ----------------------------------------------------------------------------------------------
-# Metadata and titles
+# Metadata and titles (read through `ShardDir`: a local/NFS path or a pyarrow.fs URI)
 
 
-def load_meta(shard_dir: str | Path) -> dict:
+def load_meta(shard_dir: str | Path | ShardDir) -> dict:
     """``meta.json``, validated; `DataError` naming the file and field otherwise."""
-    path = Path(shard_dir) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found (is {shard_dir} a directory written by `llara-dist prepare`?)")
+    loc = ShardDir.of(shard_dir)
+    path = loc.where("meta.json")
+    if not loc.is_file("meta.json"):
+        raise DataError(f"{path}: not found (is {loc.label} a directory written by `llara-dist prepare`?)")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(loc.read("meta.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object at the top level")
@@ -122,14 +124,15 @@ def load_meta(shard_dir: str | Path) -> dict:
     return meta
 
 
-def load_titles(shard_dir: str | Path) -> list[str]:
+def load_titles(shard_dir: str | Path | ShardDir) -> list[str]:
     """Item titles from ``items.jsonl`` (index = item id), checked against ``meta.json``."""
-    meta = load_meta(shard_dir)
-    path = Path(shard_dir) / "items.jsonl"
-    if not path.is_file():
+    loc = ShardDir.of(shard_dir)
+    meta = load_meta(loc)
+    path = loc.where("items.jsonl")
+    if not loc.is_file("items.jsonl"):
         raise DataError(f"{path}: not found")
     titles = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(loc.read("items.jsonl").decode("utf-8").splitlines(), start=1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -147,29 +150,55 @@ def load_titles(shard_dir: str | Path) -> list[str]:
 # Reading
 
 
-def read_shard_bytes(shard_dir: str | Path, entry: dict) -> bytes:
-    """A shard's bytes, checked against the sha256 recorded at prepare time."""
-    path = Path(shard_dir) / entry["name"]
-    if not path.is_file():
-        raise DataError(f"{path}: shard listed in meta.json is missing")
-    data = path.read_bytes()
-    if sha256_bytes(data) != entry["sha256"]:
-        raise DataError(f"{path}: corrupt shard: sha256 does not match meta.json (the file is truncated, "
-                        "damaged or was modified after prepare; re-run `llara-dist prepare`)")
-    return data
+def fetch_shard(shard_dir: str | Path | ShardDir, entry: dict) -> tuple[bytes, int]:
+    """(tar bytes, bytes read from storage) of a shard, checked against the sha256 recorded at prepare.
+
+    The hash covers the stored bytes, so a ``.tar.gz`` shard is checked before it is gunzipped.
+    """
+    loc = ShardDir.of(shard_dir)
+    name = entry["name"]
+    try:
+        stored = loc.read(name)
+    except DataError as e:
+        if "not found" in str(e):
+            raise DataError(f"{loc.where(name)}: shard listed in meta.json is missing") from None
+        raise
+    if sha256_bytes(stored) != entry["sha256"]:
+        raise DataError(f"{loc.where(name)}: corrupt shard: sha256 does not match meta.json (the file is "
+                        "truncated, damaged or was modified after prepare; re-run `llara-dist prepare`)")
+    return unpack(name, stored, loc.where(name)), len(stored)
 
 
-def check_shards(shard_dir: str | Path, split: str, *, skip_corrupt: bool = False) -> tuple[list[dict], list[str]]:
-    """(usable shard entries, names of skipped shards) of a split, each checked against its sha256.
+def read_shard_bytes(shard_dir: str | Path | ShardDir, entry: dict) -> bytes:
+    """A shard's tar bytes (gunzipped if stored as ``.tar.gz``), checked against its sha256."""
+    return fetch_shard(shard_dir, entry)[0]
+
+
+def check_shards(shard_dir: str | Path | ShardDir, split: str, *, skip_corrupt: bool = False,
+                 hashes: bool | None = None) -> tuple[list[dict], list[str]]:
+    """(usable shard entries, names of skipped shards) of a split.
+
+    Two depths. The quick check (the default without `skip_corrupt`) lists the directory once:
+    every shard exists and is not empty, and a plain ``.tar`` is a whole number of 512-byte
+    blocks (a truncated copy rarely is). It costs one listing, not a read, so a run over terabytes
+    of shards starts (and resumes) in seconds; the sha256 of each shard is then checked by the
+    reader that reads it (`fetch_shard`), naming the shard. With `hashes` (implied by
+    `skip_corrupt`) every shard's sha256 is checked now: skipping needs every rank to agree on
+    which shards are bad before any of them reads, so it costs one full read.
 
     A damaged shard raises `DataError` naming it, or with `skip_corrupt` is skipped with a warning.
-    Cheap enough (one sequential read) to call on the driver before any worker starts.
     """
-    meta = load_meta(shard_dir)
+    loc = ShardDir.of(shard_dir)
+    meta = load_meta(loc)
+    full = skip_corrupt if hashes is None else hashes
+    sizes = {} if full else loc.file_sizes()
     good, skipped = [], []
     for entry in meta["shards"][split]:
         try:
-            read_shard_bytes(shard_dir, entry)
+            if full:
+                fetch_shard(loc, entry)
+            else:
+                _quick_check(loc, entry, sizes.get(entry["name"]))
         except DataError as e:
             if not skip_corrupt:
                 raise DataError(f"{e} (set data.skip_corrupt=true to skip damaged shards)") from None
@@ -178,6 +207,15 @@ def check_shards(shard_dir: str | Path, split: str, *, skip_corrupt: bool = Fals
             continue
         good.append(entry)
     return good, skipped
+
+
+def _quick_check(loc: ShardDir, entry: dict, size: int | None) -> None:
+    where = loc.where(entry["name"])
+    if size is None:
+        raise DataError(f"{where}: shard listed in meta.json is missing")
+    if size == 0 or (entry["name"].endswith(".tar") and size % 512):
+        raise DataError(f"{where}: corrupt shard: {size} bytes is not a whole tar (truncated?); "
+                        "re-run `llara-dist prepare`")
 
 
 def shard_records(name: str, data: bytes) -> Iterator[tuple[str, bytes]]:
@@ -219,18 +257,19 @@ def decode_sample(raw: bytes, *, shard: str, n_items: int, with_candidates: bool
     return sample
 
 
-def read_split(shard_dir: str | Path, split: str) -> Iterator[dict]:
+def read_split(shard_dir: str | Path | ShardDir, split: str) -> Iterator[dict]:
     """Every sample of a split, in stored order (valid/test carry their fixed candidates)."""
     if split not in SPLITS:
         raise DataError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
-    meta = load_meta(shard_dir)
+    loc = ShardDir.of(shard_dir)
+    meta = load_meta(loc)
     for entry in meta["shards"][split]:
-        data = read_shard_bytes(shard_dir, entry)
+        data = read_shard_bytes(loc, entry)
         for _, raw in shard_records(entry["name"], data):
             yield decode_sample(raw, shard=entry["name"], n_items=meta["n_items"], with_candidates=split != "train")
 
 
-def read_split_part(shard_dir: str | Path, split: str, rank: int, world_size: int) -> Iterator[dict]:
+def read_split_part(shard_dir: str | Path | ShardDir, split: str, rank: int, world_size: int) -> Iterator[dict]:
     """A disjoint strided part of a split (sample index ``i % world_size == rank``), for evaluation."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")

@@ -58,7 +58,7 @@ class TrainerState:
     total_steps: int
     world_size: int  # world size that wrote the DeepSpeed files
     tag: str  # DeepSpeed tag inside the checkpoint directory
-    stream: dict  # TrainStream.state_dict(): {"epoch", "offset"} (global samples, world-size free)
+    stream: dict  # TrainStream.state_dict(): {"epoch", "offset" (global samples, world-size free), "ranges", "block"}
     zero_stage: int
     samples_seen: int = 0
     extra: dict = field(default_factory=dict)

@@ -94,7 +94,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     stream = TrainStream(cfg.data.shards, batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
                          seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                         num_candidates=meta["num_candidates"], skip_corrupt=cfg.data.skip_corrupt)
+                         num_candidates=meta["num_candidates"], skip_corrupt=cfg.data.skip_corrupt,
+                         canonical=cfg.data.canonical_ranges)
     start_step, samples_seen = 0, 0
     if resume is not None:
         engine.load_checkpoint(str(resume.path), tag=resume.tag, load_module_strict=False)
