@@ -3,7 +3,7 @@
 Layout of one checkpoint (Ray merges every rank's files into ``STORAGE/NAME/step_NNNNNNNN/``)::
 
     step_00000030/
-      trainer_state.json          rank 0: step, data position, world size, DeepSpeed tag
+      trainer_state.json          rank 0: the run's plan, step, data position, world size, DeepSpeed tag
       manifest/rank_00000.json    each rank: the files it wrote, with their sizes
       global_step30/...           DeepSpeed ZeRO files (trainable state only)
       latest                      DeepSpeed's pointer to the tag
@@ -78,13 +78,6 @@ class TrainerState:
             return cls(**{k: v for k, v in tree.items() if k in names})
         except (json.JSONDecodeError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{where}: unreadable trainer state ({e})") from None
-
-    @classmethod
-    def from_file(cls, path: Path) -> "TrainerState":
-        try:
-            return cls.from_json(Path(path).read_text(), str(path))
-        except OSError as e:
-            raise CheckpointError(f"{path}: unreadable trainer state ({e})") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
