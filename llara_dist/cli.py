@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="distributed LLaRA training (Ray Train x DeepSpeed ZeRO-3 x LoRA)")
     _common(p)
     p.add_argument("--run-dir", help="run directory (default: run_dir from the config)")
+    p.add_argument("--replan", action="store_true", help="resume with the current config's plan (total steps, "
+                   "effective batch, seed, curriculum, ...) instead of refusing a change")
 
     p = sub.add_parser("eval", help="evaluate a trained run on the stored candidates")
     p.add_argument("--run", required=True, help="run directory")
@@ -133,7 +135,7 @@ def _cmd_train_rec(args) -> int:
 def _cmd_train(args) -> int:
     from llara_dist.train.driver import run_train
 
-    run_train(_build_config(args, _TRAIN_KEYS))
+    run_train(_build_config(args, _TRAIN_KEYS), replan=args.replan)
     return 0
 
 

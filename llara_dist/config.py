@@ -119,6 +119,14 @@ class LoraConfig(_Section):
 _CURRICULUM = re.compile(r"^(linear|hybrid_only|text_only|two_stage\((\d+)\))$")
 
 
+def parse_curriculum(spec: str) -> tuple[str, int]:
+    """``train.curriculum`` -> (kind, stage_steps): the one grammar (used by `train/curriculum.py`)."""
+    m = _CURRICULUM.match(spec)
+    if not m:
+        raise ValueError(f"expected linear | hybrid_only | text_only | two_stage(k), got {spec!r}")
+    return ("two_stage", int(m.group(2))) if m.group(2) is not None else (m.group(1), 0)
+
+
 class TrainConfig(_Section):
     rec_dir: str = "runs/rec"  # output of `llara-dist train-rec`
     micro_batch_size: int = Field(4, ge=1)
@@ -149,8 +157,7 @@ class TrainConfig(_Section):
     @field_validator("curriculum")
     @classmethod
     def _check_curriculum(cls, v: str) -> str:
-        if not _CURRICULUM.match(v):
-            raise ValueError(f"expected linear | hybrid_only | text_only | two_stage(k), got {v!r}")
+        parse_curriculum(v)
         return v
 
 

@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -196,15 +195,13 @@ def _eval_part(export_dir: str, shard_dir: str, split: str, rank: int, world: in
                table: np.ndarray, settings: EvalSettings, threads: int) -> list[tuple[int, dict]]:
     """Ray task body: evaluate this worker's part; rows tagged with their index in the split."""
     from llara_dist.data.shards import load_titles, read_split_part
-    from llara_dist.model.llara import load_export
+    from llara_dist.model.llara import as_item_table, load_export
 
     torch.set_num_threads(max(1, threads))
     model, tokenizer, _ = load_export(export_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     samples = list(islice(read_split_part(shard_dir, split, rank, world), _part_limit(n_total, rank, world)))
-    with warnings.catch_warnings():  # the table is shared read-only memory; nothing writes to it
-        warnings.simplefilter("ignore", UserWarning)
-        item_table = torch.from_numpy(table)
+    item_table = as_item_table(table)  # shared read-only memory; nothing writes to it
     rows = evaluate_samples(model, tokenizer, samples, load_titles(shard_dir), item_table, settings,
                             progress=f"eval worker {rank}/{world}")
     return [(rank + j * world, row) for j, row in enumerate(rows)]

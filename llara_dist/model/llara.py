@@ -321,11 +321,14 @@ class LlaraModel(nn.Module):
     # -- training --------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, slots: Tensor, batch_items: Tensor,
-                item_table: Tensor | np.ndarray, labels: Tensor | None = None) -> CausalLMOutputWithPast:
-        """Logits (and the mean next-token loss over ``labels != -100`` when labels are given)."""
+                item_table: Tensor | np.ndarray, labels: Tensor | None = None,
+                num_items_in_batch: int | None = None) -> CausalLMOutputWithPast:
+        """Logits, and with labels the next-token loss over ``labels != -100``: their mean, or their
+        sum divided by ``num_items_in_batch`` (the answer tokens of a whole distributed batch)."""
         embeds = self.embed(input_ids, slots, batch_items, item_table)
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask,
-                        position_ids=positions_from_mask(attention_mask), labels=labels, use_cache=False)
+                        position_ids=positions_from_mask(attention_mask), labels=labels, use_cache=False, **extra)
 
     def lm_logits(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits ``[B, L, V]`` of the LM for ready-made embeddings (any padding side)."""

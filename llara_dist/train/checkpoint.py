@@ -3,7 +3,7 @@
 Layout of one checkpoint (Ray merges every rank's files into ``STORAGE/NAME/step_NNNNNNNN/``)::
 
     step_00000030/
-      trainer_state.json          rank 0: step, data position, world size, DeepSpeed tag
+      trainer_state.json          rank 0: the run's plan, step, data position, world size, DeepSpeed tag
       manifest/rank_00000.json    each rank: the files it wrote, with their sizes
       global_step30/...           DeepSpeed ZeRO files (trainable state only)
       latest                      DeepSpeed's pointer to the tag
@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from llara_dist.errors import CheckpointError
@@ -52,27 +52,32 @@ def ds_tag(step: int) -> str:
 
 @dataclass
 class TrainerState:
-    """Everything besides DeepSpeed's own state that a resumed run needs."""
+    """The run state written with every checkpoint: the run's plan and how far it got.
+
+    ``plan`` (a :class:`llara_dist.train.run_state.RunPlan` as a dict) is fixed when the run
+    starts and checked on every resume; the rest is the position to continue from.
+    """
 
     step: int  # optimiser steps completed
-    total_steps: int
     world_size: int  # world size that wrote the DeepSpeed files
     tag: str  # DeepSpeed tag inside the checkpoint directory
     stream: dict  # TrainStream.state_dict(): {"epoch", "offset" (global samples, world-size free), "ranges", "block"}
     zero_stage: int
+    plan: dict = field(default_factory=dict)  # RunPlan.to_dict(); empty in checkpoints written before plans
     samples_seen: int = 0
-    extra: dict = field(default_factory=dict)
+    best_valid: dict | None = None  # the best valid HitRatio@1 so far (RUN/best)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_file(cls, path: Path) -> "TrainerState":
+    def from_json(cls, text: str, where: str) -> "TrainerState":
         try:
-            tree = json.loads(path.read_text())
-            return cls(**tree)
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise CheckpointError(f"{path}: unreadable trainer state ({e})") from None
+            tree = json.loads(text)
+            names = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in tree.items() if k in names})
+        except (json.JSONDecodeError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{where}: unreadable trainer state ({e})") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -99,55 +104,86 @@ def save_rank_checkpoint(engine, out_dir: Path, state: TrainerState, rank: int) 
                   json.dumps({"rank": rank, "step": state.step, "files": files}, sort_keys=True))
 
 
-def validate_checkpoint(path: Path) -> TrainerState:
-    """The checkpoint's trainer state if every rank's files are present and complete, else CheckpointError."""
-    path = Path(path)
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
+def _storage(path, fs=None) -> tuple:
+    """``(filesystem, path string)``: a plain local path unless a ``pyarrow.fs`` filesystem is given."""
+    import pyarrow.fs
+
+    if fs is None:
+        return pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
+    return fs, str(path).rstrip("/")
+
+
+def _read_text(fs, path: str) -> str:
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def validate_checkpoint(path, fs=None) -> TrainerState:
+    """The checkpoint's trainer state if every rank's files are present and complete, else CheckpointError.
+
+    ``fs`` is the storage's ``pyarrow.fs`` filesystem (default: ``path`` is local); on remote
+    storage the check reads sizes and the small JSON files only, nothing is downloaded.
+    """
+    import pyarrow.fs
+
+    fs, path = _storage(path, fs)
+    state_file = f"{path}/{STATE_FILE}"
+    if fs.get_file_info(state_file).type != pyarrow.fs.FileType.File:
         raise CheckpointError(f"{path}: no {STATE_FILE} (incomplete checkpoint, rank 0's files are missing)")
-    state = TrainerState.from_file(state_file)
+    state = TrainerState.from_json(_read_text(fs, state_file), state_file)
     for rank in range(state.world_size):
-        manifest = path / MANIFEST_DIR / f"rank_{rank:05d}.json"
-        if not manifest.is_file():
+        manifest = f"{path}/{MANIFEST_DIR}/rank_{rank:05d}.json"
+        if fs.get_file_info(manifest).type != pyarrow.fs.FileType.File:
             raise CheckpointError(f"{path}: rank {rank} of {state.world_size} wrote no manifest "
-                                  f"({manifest.name} missing): its files never reached storage")
+                                  f"(rank_{rank:05d}.json missing): its files never reached storage")
         try:
-            files = json.loads(manifest.read_text())["files"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
+            files = json.loads(_read_text(fs, manifest))["files"]
+        except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{manifest}: unreadable ({e})") from None
-        for rel, size in files.items():
-            f = path / rel
-            if not f.is_file():
+        infos = fs.get_file_info([f"{path}/{rel}" for rel in files]) if files else []
+        for (rel, size), info in zip(files.items(), infos):
+            if info.type != pyarrow.fs.FileType.File:
                 raise CheckpointError(f"{path}: rank {rank}'s file {rel} is missing")
-            if f.stat().st_size != size:
-                raise CheckpointError(f"{path}: rank {rank}'s file {rel} has {f.stat().st_size} bytes, "
+            if info.size != size:
+                raise CheckpointError(f"{path}: rank {rank}'s file {rel} has {info.size} bytes, "
                                       f"expected {size} (truncated)")
-    if not (path / state.tag).is_dir():
+    if fs.get_file_info(f"{path}/{state.tag}").type != pyarrow.fs.FileType.Directory:
         raise CheckpointError(f"{path}: DeepSpeed tag directory {state.tag}/ is missing")
     return state
 
 
-def step_dirs(parent: Path) -> list[Path]:
+def step_dirs(parent, fs=None) -> list[str]:
     """``step_*`` checkpoint directories under ``parent``, newest (highest step) first."""
-    if not parent.is_dir():
+    import pyarrow.fs
+
+    fs, parent = _storage(parent, fs)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    except NotADirectoryError:
         return []
-    found = [(int(m.group(1)), p) for p in parent.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), i.path) for i in infos
+             if i.type == pyarrow.fs.FileType.Directory and (m := _STEP_DIR.match(i.base_name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def find_resumable(latest: Path) -> tuple[Path, TrainerState]:
-    """``latest`` if complete, else the newest complete older sibling, warning about each one skipped."""
-    latest = Path(latest)
-    candidates = [latest] + [p for p in step_dirs(latest.parent) if p != latest and _older(p, latest)]
+def find_resumable(latest, fs=None) -> tuple[str, TrainerState]:
+    """``latest`` if complete, else the newest complete older sibling, warning about each one skipped.
+
+    The siblings are listed on the storage itself (``fs``), so the fallback works on remote
+    storage too (a downloaded copy of ``latest`` has no siblings).
+    """
+    fs, latest = _storage(latest, fs)
+    parent, _, name = latest.rpartition("/")
+    candidates = [latest] + [p for p in step_dirs(parent, fs) if _older(p.rsplit("/", 1)[-1], name)]
     problems = []
     for path in candidates:
         try:
-            state = validate_checkpoint(path)
+            state = validate_checkpoint(path, fs)
         except CheckpointError as e:
             problems.append(str(e))
             continue
         for problem in problems:
-            msg = f"skipping an incomplete checkpoint: {problem}; resuming from {path.name} instead"
+            msg = f"skipping an incomplete checkpoint: {problem}; resuming from {path.rsplit('/', 1)[-1]} instead"
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
         return path, state
@@ -155,8 +191,8 @@ def find_resumable(latest: Path) -> tuple[Path, TrainerState]:
                           + "\n(delete the run's checkpoints/ directory to start over)")
 
 
-def _older(p: Path, than: Path) -> bool:
-    a, b = _STEP_DIR.match(p.name), _STEP_DIR.match(than.name)
+def _older(name: str, than: str) -> bool:
+    a, b = _STEP_DIR.match(name), _STEP_DIR.match(than)
     return bool(a and b and int(a.group(1)) < int(b.group(1)))
 
 
@@ -197,41 +233,43 @@ class Resume:
     universal: bool
 
 
-def _decide(path: Path, world_size: int) -> Resume:
-    path, state = find_resumable(path)
-    if state.world_size == world_size:
-        return Resume(path, state, state.tag, universal=False)
-    log.warning("resuming %s written by %d workers on %d workers: converting it to DeepSpeed's universal format",
-                path.name, state.world_size, world_size)
-    return Resume(path, state, ensure_universal(path, state), universal=True)
-
-
 def pick_checkpoint(checkpoint, *, world_size: int, rank: int) -> Resume | None:
     """The checkpoint to resume (Ray's latest, or an older complete one), the same on every rank.
 
-    Collective. On storage every worker sees (a local or network file system) rank 0 validates,
-    converts if the world size changed, and broadcasts its decision. On remote object storage each
-    rank downloads the latest checkpoint and makes the same deterministic decision on its copy.
+    Collective. Rank 0 walks the run's checkpoints on the storage filesystem (local, NFS or a
+    cloud URI, through ``pyarrow.fs``) and picks the newest complete one; every rank receives its
+    decision, or its error, whatever it is (:func:`llara_dist.train.ranks.on_rank0`). On storage
+    every worker sees, rank 0 also converts to the universal format when the world size changed;
+    on remote storage each rank downloads the chosen checkpoint and converts its own copy.
     """
     if checkpoint is None:
         return None
     import pyarrow.fs
-    import torch.distributed as dist
 
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        box: list = [None]
-        if rank == 0:
-            try:
-                box[0] = _decide(Path(checkpoint.path), world_size)
-            except CheckpointError as e:  # every rank must leave the collective, then fail alike
-                box[0] = e
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0]
-    local = Path(checkpoint.to_directory())
-    return _decide(local, world_size)
+    from llara_dist.train.ranks import on_rank0
+
+    fs = checkpoint.filesystem
+    shared = isinstance(fs, pyarrow.fs.LocalFileSystem)
+    path, state = on_rank0(lambda: find_resumable(checkpoint.path, fs), rank=rank)
+    if not shared:
+        path = download_checkpoint(fs, path)
+    path = Path(path)
+    if state.world_size == world_size:
+        return Resume(path, state, state.tag, universal=False)
+    log.warning("resuming %s written by %d workers on %d workers: converting it to DeepSpeed's universal format",
+                path.name, state.world_size, world_size)
+    tag = on_rank0(lambda: ensure_universal(path, state), rank=rank) if shared else ensure_universal(path, state)
+    return Resume(path, state, tag, universal=True)
+
+
+def download_checkpoint(fs, path: str) -> str:
+    """A local copy of the checkpoint directory ``path`` on ``fs`` (a fresh temporary directory)."""
+    import pyarrow.fs
+
+    local = Path(tempfile.mkdtemp(prefix="llara-resume-")) / path.rstrip("/").rsplit("/", 1)[-1]
+    local.mkdir()
+    pyarrow.fs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return str(local)
 
 
 def export_final(model, tokenizer, out_dir: Path, *, rank: int, extra: dict) -> None:

@@ -8,12 +8,11 @@ kept a counter inside each DataLoader worker, which restarted with the process.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-_SPEC = re.compile(r"^(linear|hybrid_only|text_only|two_stage\((\d+)\))$")
+from llara_dist.config import parse_curriculum
 
 
 @dataclass(frozen=True)
@@ -25,11 +24,11 @@ class Curriculum:
 
     @classmethod
     def parse(cls, spec: str, total_steps: int, seed: int) -> "Curriculum":
-        m = _SPEC.match(spec)
-        if not m:
-            raise ValueError(f"train.curriculum: expected linear | hybrid_only | text_only | two_stage(k), got {spec!r}")
-        kind = "two_stage" if m.group(2) is not None else m.group(1)
-        return cls(kind=kind, total_steps=max(1, total_steps), seed=seed, stage_steps=int(m.group(2) or 0))
+        try:
+            kind, stage_steps = parse_curriculum(spec)
+        except ValueError as e:
+            raise ValueError(f"train.curriculum: {e}") from None
+        return cls(kind=kind, total_steps=max(1, total_steps), seed=seed, stage_steps=stage_steps)
 
     def hybrid_probability(self, step: int) -> float:
         """Probability that 0-based optimiser step ``step`` is hybrid."""

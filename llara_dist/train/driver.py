@@ -22,17 +22,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llara_dist.config import Config, save_config, worker_range
-from llara_dist.errors import CheckpointError, ConfigError, DataError, LlaraError
+from llara_dist.errors import CheckpointError, ConfigError, LlaraError
+from llara_dist.train.run_state import RunPlan
 
 
 @dataclass
 class TrainPlan:
     run_dir: Path
-    total_steps: int
-    steps_per_epoch: int
+    run: RunPlan  # what the run means: fixed at its start, kept on resume (run_state.py)
     hidden_size: int
     storage_path: str
     name: str
+
+    @property
+    def total_steps(self) -> int:
+        return self.run.total_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.run.steps_per_epoch
 
 
 def _hidden_size(cfg: Config) -> int:
@@ -52,28 +60,48 @@ def _hidden_size(cfg: Config) -> int:
     return int(hidden)
 
 
-def plan_run(cfg: Config, n_train: int) -> TrainPlan:
-    """Step counts, storage location and model width; raises on anything inconsistent."""
+def plan_run(cfg: Config, n_train: int, *, replan: bool = False) -> TrainPlan:
+    """The run's plan: fresh from ``cfg``, or the one saved with the run's latest checkpoint (which a
+    resume keeps; a change is refused naming the key unless ``replan``); raises on anything inconsistent."""
+    from llara_dist.data.shards import load_meta
+    from llara_dist.train.run_state import make_plan, reconcile
+
     run_dir = Path(cfg.run_dir).resolve()
-    _, max_workers = worker_range(cfg)
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    # With elastic scaling the world size is only known inside the workers; epochs are counted at
-    # the largest world size (the run's intended effective batch).
-    batches_per_epoch = n_train // (max_workers * cfg.train.micro_batch_size)
-    steps_per_epoch = batches_per_epoch // cfg.train.grad_accum
-    if steps_per_epoch < 1:
-        raise DataError(f"{cfg.data.shards}: {n_train} train samples are fewer than one optimiser step needs "
-                        f"({max_workers} workers x train.micro_batch_size {cfg.train.micro_batch_size} x "
-                        f"train.grad_accum {cfg.train.grad_accum} = {max_workers * per_step})")
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     if cfg.ray.storage_path:
         storage, name = cfg.ray.storage_path, cfg.ray.name or run_dir.name
     else:
         storage, name = str(run_dir), cfg.ray.name or "checkpoints"
-    return TrainPlan(run_dir, total, steps_per_epoch, _hidden_size(cfg), storage, name)
+    fresh = make_plan(cfg, n_train, load_meta(cfg.data.shards).get("fingerprint"))
+    saved, source = _saved_plan(storage, name)
+    return TrainPlan(run_dir, reconcile(saved, fresh, replan=replan, source=source), _hidden_size(cfg), storage, name)
 
 
-def preflight(cfg: Config) -> tuple[TrainPlan, "object", dict]:
+def _saved_plan(storage: str, name: str) -> tuple[RunPlan | None, str]:
+    """The plan in the newest checkpoint's trainer state, when the driver can read the storage.
+
+    Remote storage the driver cannot open is left to the workers, which check the checkpoint
+    they actually resume against the same rules.
+    """
+    import pyarrow.fs
+
+    from llara_dist.train.checkpoint import STATE_FILE, TrainerState, step_dirs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (None, storage)
+        for path in step_dirs(f"{root.rstrip('/')}/{name}", fs):
+            fs_ = fs or pyarrow.fs.LocalFileSystem()
+            info = fs_.get_file_info(f"{path}/{STATE_FILE}")
+            if info.type != pyarrow.fs.FileType.File:
+                continue  # a checkpoint rank 0 never finished: the workers fall back past it
+            with fs_.open_input_stream(info.path) as f:
+                state = TrainerState.from_json(f.read().decode(), info.path)
+            return (RunPlan.from_dict(state.plan) if state.plan else None), path
+    except (OSError, ValueError, pyarrow.ArrowException):  # e.g. no credentials on the driver
+        pass
+    return None, ""
+
+
+def preflight(cfg: Config, *, replan: bool = False) -> tuple[TrainPlan, "object", dict]:
     """Every check that needs no worker: shards, item table vs shards, model path, DS config, resume."""
     from llara_dist.data.shards import check_shards, load_meta
     from llara_dist.recommender.table import load_item_table
@@ -83,31 +111,11 @@ def preflight(cfg: Config) -> tuple[TrainPlan, "object", dict]:
     # Damaged train shards are named now (or skipped, with data.skip_corrupt), not inside a worker.
     usable, _ = check_shards(cfg.data.shards, "train", skip_corrupt=cfg.data.skip_corrupt)
     table, rec_meta = load_item_table(cfg.train.rec_dir, meta)
-    plan = plan_run(cfg, sum(int(e["samples"]) for e in usable))
+    plan = plan_run(cfg, sum(int(e["samples"]) for e in usable), replan=replan)
     lo, hi = worker_range(cfg)
     for world in sorted({lo, hi}):  # batch size depends on the world size: check both ends
         build_ds_config(cfg, world_size=world, total_steps=plan.total_steps, hidden_size=plan.hidden_size)
-    _check_resume_matches(plan, meta, cfg.data.shards)
     return plan, table, rec_meta
-
-
-def _check_resume_matches(plan: TrainPlan, meta: dict, shards: str) -> None:
-    """A run directory continued with other data would silently train on the wrong samples."""
-    from llara_dist.train.checkpoint import STATE_FILE, step_dirs
-
-    ckpt_root = Path(plan.storage_path) / plan.name
-    if "://" in plan.storage_path:
-        return  # remote storage: the workers check the checkpoint they download
-    for path in step_dirs(ckpt_root):
-        state_file = path / STATE_FILE
-        if not state_file.is_file():
-            continue
-        saved = json.loads(state_file.read_text()).get("extra", {}).get("shards_fingerprint")
-        if saved and meta.get("fingerprint") and saved != meta["fingerprint"]:
-            raise DataError(f"{path}: this run was trained on shards with fingerprint {saved[:12]}..., but "
-                            f"data.shards ({shards}) has {meta['fingerprint'][:12]}...; "
-                            "point data.shards at the original data or use a new --run-dir")
-        return
 
 
 def _connect_ray(cfg: Config) -> bool:
@@ -130,15 +138,19 @@ def _connect_ray(cfg: Config) -> bool:
     return True
 
 
-def run_train(cfg: Config) -> dict:
-    """Train (or resume) the run in ``cfg.run_dir``; returns the final reported metrics."""
+def run_train(cfg: Config, *, replan: bool = False) -> dict:
+    """Train (or resume) the run in ``cfg.run_dir``; returns the final reported metrics.
+
+    A resumed run keeps the plan it started with (`run_state.py`); ``replan`` lets the current
+    config replace it (total steps, effective batch, seed, curriculum, ...), from the saved step on.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from llara_dist.train.worker import train_loop_per_worker
 
-    plan, table, rec_meta = preflight(cfg)
+    plan, table, rec_meta = preflight(cfg, replan=replan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run_dir": str(plan.run_dir)})
     save_config(cfg, plan.run_dir / "config.yaml")
@@ -162,8 +174,8 @@ def run_train(cfg: Config) -> dict:
                 "config": cfg.model_dump(mode="json"),
                 "item_table": item_table,
                 "use_gpu": cfg.scaling.use_gpu,
-                "plan": {"run_dir": str(plan.run_dir), "total_steps": plan.total_steps,
-                         "hidden_size": plan.hidden_size},
+                "plan": {"run_dir": str(plan.run_dir), "hidden_size": plan.hidden_size,
+                         "run": plan.run.to_dict(), "replan": replan},
             },
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
             scaling_config=scaling,

@@ -106,7 +106,7 @@ def test_curriculum_kinds():
 
 
 def _fake_checkpoint(path: Path, step: int, world_size: int = 2) -> None:
-    state = TrainerState(step=step, total_steps=10, world_size=world_size, tag=f"global_step{step}",
+    state = TrainerState(step=step, world_size=world_size, tag=f"global_step{step}",
                          stream={"epoch": 0, "offset": 8 * step}, zero_stage=3)
     (path / state.tag).mkdir(parents=True)
     (path / MANIFEST_DIR).mkdir()
@@ -127,7 +127,7 @@ def test_checkpoint_validation_and_fallback(tmp_path):
         validate_checkpoint(latest)
     with pytest.warns(UserWarning, match="skipping an incomplete checkpoint.*rank 1.*resuming from step_00000005"):
         path, state = find_resumable(latest)
-    assert path.name == "step_00000005" and state.stream == {"epoch": 0, "offset": 40}
+    assert Path(path).name == "step_00000005" and state.stream == {"epoch": 0, "offset": 40}
     # A truncated file is caught too; with nothing complete left the error says so.
     (tmp_path / "step_00000005" / "global_step5" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="(?s)no complete checkpoint.*truncated"):

@@ -79,9 +79,11 @@ def test_elastic_resize_up_and_down(tiny_shards, tiny_rec, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 21))
     sizes = [r["world_size"] for r in rows]
     assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1
-    # One global data position: each step consumes micro_batch (4) x its world size, none skipped.
+    # One plan at every size: each step consumes the effective batch of 2 workers x micro_batch 4,
+    # through 2 accumulation steps on one worker; one global data position, none skipped.
     for prev, row in zip(rows, rows[1:]):
-        assert row["samples"] == prev["samples"] + 4 * row["world_size"], (prev, row)
+        assert row["samples"] == prev["samples"] + 8, (prev, row)
+        assert row["grad_accum"] * row["world_size"] == 2, row
     converted = list((run_dir / "checkpoints").glob("step_*/global_step*_universal"))
     assert len(converted) >= 2, converted  # 1 -> 2 and 2 -> 1
     assert (run_dir / "final" / "adapter" / "adapter_model.safetensors").is_file()

@@ -77,6 +77,13 @@ def test_too_few_samples_for_one_step(tiny_shards, tiny_rec, tmp_path, capsys):
 def test_resuming_a_run_with_other_data(tiny_shards, tiny_rec, tmp_path, capsys):
     step = tmp_path / "run" / "checkpoints" / "step_00000010"
     step.mkdir(parents=True)
-    (step / "trainer_state.json").write_text(json.dumps({"extra": {"shards_fingerprint": "f" * 64}}))
+    from llara_dist.config import load_config
+    from llara_dist.train.checkpoint import TrainerState
+    from llara_dist.train.run_state import make_plan
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", _base(tiny_shards, tiny_rec, tmp_path))
+    plan = make_plan(cfg, 1000, "f" * 64)  # the run's plan, as its checkpoints record it
+    state = TrainerState(step=10, world_size=2, tag="global_step10", stream={}, zero_stage=3, plan=plan.to_dict())
+    (step / "trainer_state.json").write_text(state.to_json())
     err = _train(capsys, *_base(tiny_shards, tiny_rec, tmp_path))
     assert "step_00000010" in err and "fingerprint ffffffffffff" in err and "--run-dir" in err

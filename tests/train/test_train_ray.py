@@ -89,24 +89,37 @@ def test_loss_decreases_and_parameters_are_partitioned(reference):
     assert 0.45 * r["params_total"] < r["params_local"] < 0.6 * r["params_total"], r
 
 
-def test_periodic_validation_and_best_export(reference):
+def test_periodic_validation_and_best_export(reference, tmp_path):
+    from llara_dist.cli import main
+
     run_dir = reference[0]
     rows = _rows(run_dir)
     assert [s for s in rows if "valid/hit_ratio@1" in rows[s]] == [EVERY, STEPS]
-    for s in (EVERY, STEPS):
-        assert 0.0 <= rows[s]["valid/hit_ratio@1"] <= rows[s]["valid/valid_ratio"] <= 1.0
     best = json.loads((run_dir / "best" / "llara_config.json").read_text())["valid"]
     assert best["step"] == rows[STEPS]["valid/best_step"] and best["n"] == 8
     assert best["hit_ratio@1"] == max(rows[s]["valid/hit_ratio@1"] for s in (EVERY, STEPS))
     assert (run_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    # What validation logged during training is what `llara-dist eval` measures on the exported best
+    # model over the same 8 valid samples (ZeRO-3-sharded generation vs. the export's own path).
+    out = tmp_path / "best_eval"
+    assert main(["eval", "--run", str(run_dir), "--checkpoint", str(run_dir / "best"), "--split", "valid",
+                 "--max-samples", "8", "--workers", "1", "--out", str(out)]) == 0
+    measured = json.loads((out / "metrics.json").read_text())
+    assert measured["n"] == 8
+    assert (measured["hit_ratio@1"], measured["valid_ratio"]) == pytest.approx(
+        (best["hit_ratio@1"], best["valid_ratio"]))
+    assert rows[best["step"]]["valid/valid_ratio"] == pytest.approx(best["valid_ratio"])
 
 
 def test_curriculum_follows_the_seeded_schedule(reference):
     run_dir, cfg = reference
     rows = _rows(run_dir)
     cur = Curriculum.parse(cfg.train.curriculum, STEPS, cfg.train.seed)
-    assert [rows[s]["hybrid"] for s in rows] == [int(cur.is_hybrid(s - 1)) for s in rows]
-    assert [rows[s]["hybrid_prob"] for s in rows] == pytest.approx([(s - 1) / STEPS for s in rows])
+    # One report per step (log_every=1): the share of hybrid steps is that step's seeded decision.
+    decisions = [int(cur.is_hybrid(s - 1)) for s in rows]
+    assert [rows[s]["hybrid_share"] for s in rows] == decisions
+    assert 0 < sum(decisions) < STEPS  # the linear curriculum mixes both kinds in 12 steps
+    assert "hybrid" not in rows[1] and "hybrid_prob" not in rows[1]
 
 
 def test_checkpoint_holds_both_ranks_and_the_data_position(reference):
@@ -168,12 +181,17 @@ def test_continue_on_one_worker_via_universal_checkpoint(ray_session, reference,
     assert (run_dir / "checkpoints" / f"step_{EVERY:08d}" / f"global_step{EVERY}_universal" / "zero").is_dir()
     assert not (broken / "global_step8_universal").exists()
     for s in range(EVERY + 1, STEPS + 1):  # steps 7 and 8 were trained again, from step 6
-        assert rows[s]["world_size"] == 1
+        # The run's plan holds on one worker: the effective batch of 8 through 2 accumulation steps.
+        assert (rows[s]["world_size"], rows[s]["grad_accum"]) == (1, 2)
         assert rows[s]["lr"] == pytest.approx(ref[s]["lr"])  # scheduler continued, not restarted
-        assert rows[s]["hybrid"] == ref[s]["hybrid"]  # curriculum continued
-        assert rows[s]["samples"] == EVERY * 8 + (s - EVERY) * 4  # data position continued globally
-    # The optimizer and weights continued: step 7's loss is near the reference's, far from a fresh start.
-    assert abs(rows[EVERY + 1]["loss"] - ref[EVERY + 1]["loss"]) < 0.5 * abs(ref[1]["loss"] - ref[EVERY + 1]["loss"])
+        assert rows[s]["hybrid_share"] == ref[s]["hybrid_share"]  # curriculum continued
+        assert rows[s]["samples"] == s * 8  # data position continued globally, 8 samples per step
+    # The optimizer, weights and plan continued: step 7 trains on the same 8 samples with the loss
+    # normalised over them alike, so its loss matches the 2-worker reference closely (measured:
+    # 5.271 vs 5.266; the universal conversion and summation order differ), far from a fresh start.
+    for s in (EVERY + 1, STEPS):
+        assert rows[s]["loss"] == pytest.approx(ref[s]["loss"], rel=0.02), s
+    assert abs(rows[EVERY + 1]["loss"] - ref[EVERY + 1]["loss"]) < 0.05 * abs(ref[1]["loss"] - ref[EVERY + 1]["loss"])
     assert json.loads((run_dir / "final/llara_config.json").read_text())["step"] == STEPS
 
 
