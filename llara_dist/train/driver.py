@@ -148,8 +148,11 @@ def run_train(cfg: Config, *, replan: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from llara_dist.train.paths import check_paths_on_nodes, resolve_paths
     from llara_dist.train.worker import train_loop_per_worker
 
+    # Workers run elsewhere, in another working directory: every path they get is absolute.
+    cfg, relative = resolve_paths(cfg)
     plan, table, rec_meta = preflight(cfg, replan=replan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run_dir": str(plan.run_dir)})
@@ -159,6 +162,7 @@ def run_train(cfg: Config, *, replan: bool = False) -> dict:
 
     started = _connect_ray(cfg)
     try:
+        check_paths_on_nodes(cfg, relative)  # seconds, before any worker group starts
         item_table = ray.put(table)  # once; every worker maps the same shared-memory copy
         del table
         lo, hi = worker_range(cfg)
