@@ -95,8 +95,9 @@ def save_rank_checkpoint(engine, out_dir: Path, state: TrainerState, rank: int) 
     out_dir.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(out_dir), tag=state.tag, client_state={"trainer_state": asdict(state)},
                            exclude_frozen_parameters=True)
-    if rank == 0:
-        _write_atomic(out_dir / STATE_FILE, state.to_json())
+    from llara_dist.train.ranks import on_rank0
+
+    on_rank0(lambda: _write_atomic(out_dir / STATE_FILE, state.to_json()), rank=rank)
     files = {p.relative_to(out_dir).as_posix(): p.stat().st_size
              for p in sorted(out_dir.rglob("*")) if p.is_file() and MANIFEST_DIR not in p.parts}
     (out_dir / MANIFEST_DIR).mkdir(exist_ok=True)

@@ -325,6 +325,8 @@ class _Reporter:
     def emit(self, done: int, end_step: int, samples_seen: int) -> dict:
         import ray.train
 
+        from llara_dist.train.ranks import on_rank0
+
         w = self.w
         row = self.window.reduce(w.world, self.engine.device, w.plan.global_batch)
         row.update(step=done, lr=float(self.engine.get_lr()[0]), epoch=self.stream.state_dict()["epoch"],
@@ -333,7 +335,7 @@ class _Reporter:
                    params_total=self.params_total, time=time.time())
         if self.validation.due(done, end_step):  # collective: every rank generates its part of the subset
             row.update(self.validation.run(self.engine.module, done, w.run_dir / "best"))
-        self.metrics.log(row)
+        on_rank0(lambda: self.metrics.log(row), rank=w.rank)  # a full disk ends every rank, not just 0
         self.window = _Window()
         if not self._ckpt_due(done, end_step):
             ray.train.report(row)
