@@ -198,8 +198,9 @@ def _eval_part(export_dir: str, shard_dir: str, split: str, rank: int, world: in
     from llara_dist.model.llara import as_item_table, load_export
 
     torch.set_num_threads(max(1, threads))
-    model, tokenizer, _ = load_export(export_dir)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    # The base loads straight onto the worker's device: one copy of the weights, never a host copy
+    # per GPU worker first.
+    model, tokenizer, _ = load_export(export_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     samples = list(islice(read_split_part(shard_dir, split, rank, world), _part_limit(n_total, rank, world)))
     item_table = as_item_table(table)  # shared read-only memory; nothing writes to it
     rows = evaluate_samples(model, tokenizer, samples, load_titles(shard_dir), item_table, settings,

@@ -160,8 +160,8 @@ def _init_new_rows(weight: Tensor, n_trained: int, rows: dict[int, str]) -> None
         weight[i] = (mean + 0.1 * std * noise).to(weight.dtype)
 
 
-def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
-               ds_config: dict | None) -> tuple[PreTrainedModel, int, list[int]]:
+def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, ds_config: dict | None,
+               device: str | torch.device | None = None) -> tuple[PreTrainedModel, int, list[int]]:
     """The frozen base LM with one embedding (and LM-head) row per token of ``tokenizer``, the
     number of rows the checkpoint came with, and the rows given fresh values."""
     dtype = getattr(torch, model_cfg.dtype)
@@ -185,8 +185,13 @@ def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
             from transformers.integrations import HfDeepSpeedConfig
 
             hf_ds = HfDeepSpeedConfig(ds_config)
+        if device is not None and hf_ds is None:
+            # Straight to the device: no host copy of the weights per worker (8 eval workers x a 7B
+            # model loaded on the host first is ~108 GB of host RAM on one node).
+            kwargs["device_map"] = str(device)
         if model_cfg.random_init:
-            base = _random_base(path, kwargs)
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                base = _random_base(path, kwargs)
         else:
             base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         base._llara_hf_ds_config = hf_ds  # keep it alive: transformers holds only a weak reference
@@ -386,7 +391,7 @@ class LlaraModel(nn.Module):
 
 
 def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
-                ds_config: dict | None = None) -> LlaraModel:
+                ds_config: dict | None = None, device: str | torch.device | None = None) -> LlaraModel:
     """Base LM + deterministic new-token rows + LoRA + projector; only LoRA and projector train.
 
     Every random initialisation is seeded (tiny base: ``model.tiny.seed``; LoRA and projector:
@@ -396,7 +401,7 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
     """
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
-    base, base_vocab_size, rows_set = _load_base(cfg.model, tokenizer, ds_config)
+    base, base_vocab_size, rows_set = _load_base(cfg.model, tokenizer, ds_config, device)
     base.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (our inputs are embeddings).
@@ -416,6 +421,8 @@ def build_model(cfg: Config, tokenizer: PreTrainedTokenizerBase, rec_dim: int,
         except ValueError as e:  # e.g. no module matches target_modules
             raise ConfigError(f"lora.target_modules: {e}") from None
         projector = Projector(rec_dim, d_model, cfg.model.projector_hidden).to(base.dtype)
+        if device is not None:
+            projector = projector.to(device)
 
     meta = {
         "model": cfg.model.model_dump(mode="json"),
@@ -617,7 +624,9 @@ def load_export(out_dir: str | Path, *, name_or_path: str | None = None, dtype: 
         rec_dim = int(llara["rec_dim"])
     except (ValidationError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: model/lora settings not usable by this version: {e}") from None
-    model = build_model(cfg, tokenizer, rec_dim)
+    # A checkpoint loads straight onto ``device``; the tiny preset is built on the host, where its
+    # seeded weights are drawn (it is small), and moved.
+    model = build_model(cfg, tokenizer, rec_dim, device=None if tiny else device)
     model_dtype = getattr(torch, cfg.model.dtype)
 
     with torch.no_grad():
@@ -628,9 +637,11 @@ def load_export(out_dir: str | Path, *, name_or_path: str | None = None, dtype: 
         special = load_file(special_file)
         ids = special["token_ids"].tolist()
         base = model.lm.get_base_model()
-        base.get_input_embeddings().weight[ids] = special["input_rows"].to(model_dtype)
+        emb = base.get_input_embeddings().weight
+        emb[ids] = special["input_rows"].to(emb.device, model_dtype)
         if "output_rows" in special and base.get_output_embeddings() is not None:
-            base.get_output_embeddings().weight[ids] = special["output_rows"].to(model_dtype)
+            head = base.get_output_embeddings().weight
+            head[ids] = special["output_rows"].to(head.device, model_dtype)
         result = set_peft_model_state_dict(model.lm, load_file(adapter_file))
         bad = [k for k in result.unexpected_keys if "lora_" in k]
         if bad:

@@ -253,9 +253,10 @@ def test_out_of_range_item_in_a_worker_fails_cleanly(ray_session, tiny_shards, t
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)
     meta = json.loads((shards / "meta.json").read_text())
-    for entry in meta["shards"]["train"]:  # every shard, so the first batch already has one
+    for entry in meta["shards"]["train"]:  # every sample, so the first batch on every rank has one
         samples = [json.loads(raw) for _, raw in shard_records(entry["name"], (shards / entry["name"]).read_bytes())]
-        samples[0]["history"][0] = 99_999
+        for sample in samples:
+            sample["history"][0] = 99_999
         data = tar_bytes(samples)
         (shards / entry["name"]).write_bytes(data)
         entry["sha256"] = sha256_bytes(data)
