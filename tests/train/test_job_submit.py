@@ -36,6 +36,17 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def submit_job(cmd: list[str], env: dict, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting (the job server
+    answers `ray job list` before its agent takes submissions: "No available agent")."""
+    deadline = time.time() + 120
+    while True:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+        if proc.returncode == 0 or "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     import psutil
@@ -94,7 +105,7 @@ def test_ray_job_submit_runs_training(ray_head, tiny_shards, tiny_rec, tmp_path)
            sys.executable, str(ROOT / "launcher/train_job.py"), "--config", "job.yaml",
            f"data.shards={tiny_shards}", f"train.rec_dir={tiny_rec}", f"run_dir={run_dir}",
            "scaling.num_workers=1", "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    proc = submit_job(cmd, env, timeout=420)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

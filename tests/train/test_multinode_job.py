@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.test_job_submit import _free_ports, _ray_bin
+from tests.train.test_job_submit import _free_ports, _ray_bin, submit_job
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +99,7 @@ def test_readme_tiny_job_on_two_nodes_checkpoints_and_resumes(two_node_cluster, 
                sys.executable, "launcher/train_job.py", "--config", "configs/tiny.yaml",
                f"data.shards={tiny_shards}", f"train.rec_dir={tiny_rec}", f"run_dir={run_dir}",
                "scaling.num_workers=2", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1", *extra]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        proc = submit_job(cmd, env, timeout=600, cwd=ROOT)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "succeeded" in out.lower(), out[-5000:]
         return out
