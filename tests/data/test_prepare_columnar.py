@@ -153,3 +153,100 @@ def test_malformed_parquet_and_csv_rows_are_named(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.parquet: row 3: user_id" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Repeated items: the report, prepare.dedup and prepare.negatives
+
+
+def _repeat_log(d: Path) -> Path:
+    """Users who re-consume items (LastFM/Steam style): consecutive and non-consecutive repeats."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for u in range(40):
+        seq = rng.integers(0, 30, size=18).tolist()
+        seq[5] = seq[4]  # at least one consecutive repeat per user
+        rows += [(f"u{u}", str(i), t) for t, i in enumerate(seq)]
+    d.mkdir()
+    (d / "r.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                               + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows))
+    (d / "r.item").write_text("item_id:token\ttitle:token_seq\n" + "".join(f"{i}\tSong {i}\n" for i in range(30)))
+    return d
+
+
+def _in_history(samples: list[dict]) -> int:
+    return sum(s["target"] in s["history"] for s in samples)
+
+
+def test_repeats_are_reported_and_dedup_removes_them(tmp_path):
+    src = _repeat_log(tmp_path / "in")
+    base = ("prepare.format=recbole", f"prepare.input={src}", "prepare.num_candidates=4")
+    meta = _prepare(tmp_path / "none", *base)
+    data = {s: list(read_split(tmp_path / "none", s)) for s in ("train", "valid", "test")}
+    rep = meta["repeats"]
+    assert meta["dedup"] == "none" and meta["negatives"] == "unseen" and rep["removed_interactions"] == 0
+    for split, samples in data.items():
+        assert rep[split]["target_in_history"] == _in_history(samples) > 0
+        assert rep[split]["target_in_history_rate"] == pytest.approx(_in_history(samples) / len(samples), abs=1e-6)
+    for split in ("valid", "test"):  # unseen negatives: a target in the history is always the shortcut
+        assert rep[split]["target_only_candidate_in_history"] == rep[split]["target_in_history"]
+        for s in data[split]:
+            assert not set(s["history"]) & (set(s["candidates"]) - {s["target"]})
+
+    cons = _prepare(tmp_path / "cons", *base, "prepare.dedup=consecutive")
+    assert cons["repeats"]["removed_interactions"] >= 40
+    for split in ("train", "valid", "test"):
+        for s in read_split(tmp_path / "cons", split):
+            assert s["history"][-1] != s["target"]
+            assert all(a != b for a, b in zip(s["history"], s["history"][1:]))
+    every = _prepare(tmp_path / "all", *base, "prepare.dedup=all")
+    assert every["repeats"]["removed_interactions"] > cons["repeats"]["removed_interactions"]
+    for split in ("train", "valid", "test"):
+        assert every["repeats"][split]["target_in_history"] == 0
+        assert _in_history(list(read_split(tmp_path / "all", split))) == 0
+    assert len({meta["fingerprint"], cons["fingerprint"], every["fingerprint"]}) == 3
+
+
+def test_negatives_any_draws_history_items_and_removes_the_shortcut(tmp_path):
+    src = _repeat_log(tmp_path / "in")
+    meta = _prepare(tmp_path / "any", "prepare.format=recbole", f"prepare.input={src}", "prepare.num_candidates=6",
+                    "prepare.negatives=any")
+    assert meta["negatives"] == "any"
+    test = list(read_split(tmp_path / "any", "test"))
+    with_history_negatives = [s for s in test if set(s["history"]) & (set(s["candidates"]) - {s["target"]})]
+    assert with_history_negatives  # 30 items, ~9 in a history: history items get drawn as negatives
+    rep = meta["repeats"]["test"]
+    assert rep["target_only_candidate_in_history"] < rep["target_in_history"]
+    assert rep["target_only_candidate_in_history"] == sum(
+        s["target"] in s["history"] and not set(s["history"]) & (set(s["candidates"]) - {s["target"]}) for s in test)
+    # train-time candidates follow the same rule when the stream passes meta.json's `negatives`
+    from llara_dist.data.samples import train_candidates
+
+    drawn = [train_candidates(s, meta["n_items"], 6, 0, 0, negatives="any") for s in test]
+    assert any(set(s["history"]) & (set(c) - {s["target"]}) for s, c in zip(test, drawn))
+    assert all(c.count(s["target"]) == 1 and len(set(c)) == 6 for s, c in zip(test, drawn))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compressed shards
+
+
+def test_gzip_shards_are_read_by_webdataset_itself(tmp_path):
+    import webdataset as wds
+
+    args = ("prepare.users=50", "prepare.items=60", "prepare.samples_per_shard=200")
+    plain = _prepare(tmp_path / "plain", *args)
+    gz = _prepare(tmp_path / "gz", *args, "prepare.compression=gzip")
+    assert gz["compression"] == "gzip" and gz["counts"] == plain["counts"]
+    assert all(e["name"].endswith(".tar.gz") for v in gz["shards"].values() for e in v)
+    again = _prepare(tmp_path / "gz2", *args, "prepare.compression=gzip")
+    assert again["fingerprint"] == gz["fingerprint"]  # gzip with mtime 0: reproducible bytes
+    size = {d: sum((tmp_path / d / e["name"]).stat().st_size for v in m["shards"].values() for e in v)
+            for d, m in (("plain", plain), ("gz", gz))}
+    assert size["gz"] < size["plain"] / 4  # ~1 KB of tar padding per sample compresses away
+    for split in ("train", "test"):
+        urls = [str(tmp_path / "gz" / e["name"]) for e in gz["shards"][split]]
+        got = [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+        urls = [str(tmp_path / "plain" / e["name"]) for e in plain["shards"][split]]
+        ref = [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+        assert got == ref and len(got) == plain["counts"][split]
