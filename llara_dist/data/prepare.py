@@ -124,7 +124,8 @@ def write_bytes(out: str, name: str, data: bytes) -> None:
         import pyarrow.fs as pafs
 
         fs, root = pafs.FileSystem.from_uri(out)
-        with fs.open_output_stream(f"{root.rstrip('/')}/{name}") as f:
+        # compression=None: Arrow would otherwise gzip a ".gz" name a second time
+        with fs.open_output_stream(f"{root.rstrip('/')}/{name}", compression=None) as f:
             f.write(data)
     else:
         Path(out, name).write_bytes(data)
