@@ -96,12 +96,48 @@ def _sorted_raw_ids(raw_ids) -> list[str]:
     return sorted(ids)
 
 
-def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
-    """(int32 code per row, the distinct raw values): Arrow's hash kernel, no Python per row."""
-    if isinstance(column, pa.ChunkedArray):  # one dictionary for all rows, not one per chunk
-        column = column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
-    enc = pc.dictionary_encode(column)
-    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), enc.dictionary.to_pylist()
+class _Ids:
+    """Raw id -> provisional code in first-seen order, fed batch by batch: Arrow hashes each batch's
+    rows, Python only sees the batch's distinct ids (users and items are few next to rows)."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+
+    def encode(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        enc = pc.dictionary_encode(column)
+        index = self.index
+        lookup = np.fromiter((index.setdefault(r, len(index)) for r in enc.dictionary.to_pylist()),
+                             dtype=np.int32, count=len(enc.dictionary))
+        return lookup[enc.indices.to_numpy(zero_copy_only=False)]
+
+    @property
+    def raw(self) -> list[str]:
+        return list(self.index)
+
+
+@dataclass
+class _Log:
+    """The interaction columns, accumulated batch by batch as compact arrays (no strings kept)."""
+
+    users: _Ids = field(default_factory=_Ids)
+    items: _Ids = field(default_factory=_Ids)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    rows: int = 0
+
+    def add(self, users: pa.Array, items: pa.Array, times: np.ndarray) -> np.ndarray:
+        """Append a batch; returns its item codes (for first-row titles)."""
+        item_codes = self.items.encode(items)
+        self.parts.append((self.users.encode(users), item_codes, times))
+        self.rows += len(times)
+        return item_codes
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cols = tuple(np.concatenate([p[k] for p in self.parts]) if self.parts else np.zeros(0, dt)
+                     for k, dt in enumerate((np.int32, np.int32, np.float64)))
+        self.parts = []
+        return cols
 
 
 def _dense(codes: np.ndarray, raw: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -114,16 +150,17 @@ def _dense(codes: np.ndarray, raw: list[str]) -> tuple[np.ndarray, list[str]]:
     return remap[codes], ordered
 
 
-def build_interactions(source: str, domain: str, users: pa.Array, items: pa.Array, times: np.ndarray,
-                       titles_by_raw: dict[str, str], *, drop_unknown: bool, where: Callable[[int], str],
-                       missing_title: str, file: Path | str) -> Interactions:
+def build_interactions(source: str, domain: str, log: _Log, titles_by_raw: dict[str, str], *,
+                       drop_unknown: bool, where: Callable[[int], str], missing_title: str,
+                       file: Path | str) -> Interactions:
     """Rows (raw user, raw item, time) in input order -> `Interactions`.
 
     Items without a title are an error naming ``where(row)`` unless `drop_unknown`. Dense ids are
     given over the kept rows only. Each user's events are sorted by time with ties in input order
     (a stable lexsort), so the result depends only on the rows, never on hashing or threads.
     """
-    item_codes, item_raw = _codes(items)
+    user_raw, item_raw = log.users.raw, log.items.raw
+    user_codes, item_codes, times = log.columns()
     known = np.fromiter((r in titles_by_raw for r in item_raw), dtype=bool, count=len(item_raw))
     keep = known[item_codes] if len(item_raw) else np.zeros(0, dtype=bool)
     dropped = int(len(keep) - keep.sum())
@@ -131,15 +168,19 @@ def build_interactions(source: str, domain: str, users: pa.Array, items: pa.Arra
         row = int(np.argmin(keep))
         raise DataError(f"{where(row)}: item {item_raw[item_codes[row]]!r} has no title in {missing_title} "
                         "(pass --drop-unknown to drop such interactions)")
-    user_codes, user_raw = _codes(users)
     if dropped:
         item_codes, user_codes, times = item_codes[keep], user_codes[keep], times[keep]
+    del keep
     if len(item_codes) == 0:
         raise DataError(f"{file}: no interactions")
     dense_items, item_order = _dense(item_codes, item_raw)
+    del item_codes
     dense_users, user_order = _dense(user_codes, user_raw)
+    del user_codes
     order = np.lexsort((times, dense_users))  # by user, then time; stable, so ties keep input order
+    del times
     seq_items = dense_items[order]
+    del order, dense_items
     counts = np.bincount(dense_users, minlength=len(user_order))
     offsets = np.zeros(len(user_order) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -187,23 +228,27 @@ def _line_of_row(path: Path, row: int, header_lines: int, encoding: str) -> int:
     return n  # pragma: no cover  (row beyond the file: cannot happen for a row Arrow read)
 
 
-def _read_delimited(path: Path, names: list[str], columns: list[str], *, header_lines: int, encoding: str,
-                    describe: str) -> pa.Table:
-    """Tab-separated text via Arrow's multi-threaded CSV reader: no quoting, every column a string.
+_BATCH_BYTES = 1 << 24  # Arrow reads 16 MB blocks: memory per batch stays small whatever the file size
+
+
+def _delimited_batches(path: Path, names: list[str], columns: list[str], *, header_lines: int, encoding: str,
+                       describe: str) -> Iterator[pa.RecordBatch]:
+    """Tab-separated text as Arrow record batches (streaming): no quoting, every column a string.
 
     A row with the wrong number of fields is reported with its exact line (found by a Python scan,
     on the error path only).
     """
     try:
-        return pacsv.read_csv(
+        reader = pacsv.open_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=header_lines, encoding=encoding,
-                                           block_size=1 << 24),
+                                           block_size=_BATCH_BYTES),
             parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
                                              newlines_in_values=False),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
                                                  include_columns=columns, strings_can_be_null=False,
                                                  quoted_strings_can_be_null=False))
+        yield from reader
     except pa.ArrowInvalid as e:
         for n, line in enumerate(_text_lines(path, encoding), start=1):
             if n > header_lines and line and len(line.split("\t")) != len(names):
@@ -212,6 +257,24 @@ def _read_delimited(path: Path, names: list[str], columns: list[str], *, header_
         raise DataError(f"{path}: not readable as tab-separated text ({e})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid {encoding} ({e})") from None
+
+
+def _read_text_log(path: Path, names: list[str], cols: tuple[str, str, str], *, header_lines: int,
+                   encoding: str, describe: str, strip: bool = False) -> tuple[_Log, Callable[[int], str]]:
+    """(user, item, time) columns of a tab-separated log, batch by batch; and `where(row)` -> file:line."""
+
+    def where(row: int) -> str:
+        return f"{path}:{_line_of_row(path, row, header_lines, encoding)}"
+
+    log = _Log()
+    for batch in _delimited_batches(path, names, list(cols), header_lines=header_lines, encoding=encoding,
+                                    describe=describe):
+        u, i, t = (batch.column(c) for c in cols)
+        if strip:
+            u, i = pc.utf8_trim_whitespace(u), pc.utf8_trim_whitespace(i)
+        base = log.rows
+        log.add(u, i, _numbers(t, lambda r, base=base: where(base + r), "timestamp"))
+    return log, where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,16 +372,11 @@ def load_recbole(directory: str | Path, *, drop_unknown: bool = False, item_fiel
     u_col = names[_column(header, (user_field or "user_id",), inter_file, "user id")]
     i_col = names[_column(header, (item_field,), inter_file, "item id")]
     t_col = names[_column(header, (time_field or "timestamp",), inter_file, "timestamp")]
-    table = _read_delimited(inter_file, names, [u_col, i_col, t_col], header_lines=1, encoding="utf-8",
-                            describe=", ".join(header))
-
-    def where(row: int) -> str:
-        return f"{inter_file}:{_line_of_row(inter_file, row, 1, 'utf-8')}"
-
-    times = _numbers(table[t_col], where, "timestamp")
-    return build_interactions("recbole:" + inter_file.stem, _guess_domain(inter_file.stem), table[u_col],
-                              table[i_col], times, titles_by_raw, drop_unknown=drop_unknown, where=where,
-                              missing_title="the item file", file=inter_file)
+    log, where = _read_text_log(inter_file, names, (u_col, i_col, t_col), header_lines=1, encoding="utf-8",
+                                describe=", ".join(header))
+    return build_interactions("recbole:" + inter_file.stem, _guess_domain(inter_file.stem), log, titles_by_raw,
+                              drop_unknown=drop_unknown, where=where, missing_title="the item file",
+                              file=inter_file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,17 +401,11 @@ def load_grouplens(directory: str | Path, *, drop_unknown: bool = False) -> Inte
         if title:
             titles_by_raw[fields[0].strip()] = title
 
-    table = _read_delimited(data_file, ["user", "item", "rating", "timestamp"], ["user", "item", "timestamp"],
-                            header_lines=0, encoding="latin-1", describe="user, item, rating, timestamp")
-
-    def where(row: int) -> str:
-        return f"{data_file}:{_line_of_row(data_file, row, 0, 'latin-1')}"
-
-    times = _numbers(table["timestamp"], where, "timestamp")
-    return build_interactions("grouplens:ml-100k", "movie", pc.utf8_trim_whitespace(table["user"]),
-                              pc.utf8_trim_whitespace(table["item"]), times, titles_by_raw,
-                              drop_unknown=drop_unknown, where=where, missing_title="the item file",
-                              file=data_file)
+    log, where = _read_text_log(data_file, ["user", "item", "rating", "timestamp"], ("user", "item", "timestamp"),
+                                header_lines=0, encoding="latin-1", describe="user, item, rating, timestamp",
+                                strip=True)
+    return build_interactions("grouplens:ml-100k", "movie", log, titles_by_raw, drop_unknown=drop_unknown,
+                              where=where, missing_title="the item file", file=data_file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,12 +425,13 @@ def _tabular_files(path: Path, suffix: str) -> list[Path]:
     raise DataError(f"{path}: input file or directory not found")
 
 
-def _read_tabular_file(path: Path, fmt: str, fields: dict[str, str]) -> pa.Table:
+def _tabular_batches(path: Path, fmt: str, fields: dict[str, str]) -> Iterator[pa.RecordBatch]:
+    """The mapped columns of one Parquet/CSV file as record batches (streaming)."""
     wanted = list(dict.fromkeys(fields.values()))
     try:
         if fmt == "parquet":
-            schema = pq.read_schema(path)
-            have = schema.names
+            pf = pq.ParquetFile(path)
+            have = pf.schema_arrow.names
         else:
             with open(path, encoding="utf-8", newline="") as f:
                 have = next(pycsv.reader([f.readline()]), [])
@@ -390,11 +443,12 @@ def _read_tabular_file(path: Path, fmt: str, fields: dict[str, str]) -> pa.Table
                             f"the file has {', '.join(map(str, have))})")
     try:
         if fmt == "parquet":
-            return pq.read_table(path, columns=wanted)
-        types = {c: pa.string() for c in wanted if c != fields["time"]}
-        types[fields["time"]] = pa.string()
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types=types, include_columns=wanted, strings_can_be_null=True))
+            yield from pf.iter_batches(batch_size=1 << 20, columns=wanted)
+            return
+        yield from pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_BATCH_BYTES),
+                                  convert_options=pacsv.ConvertOptions(
+                                      column_types={c: pa.string() for c in wanted}, include_columns=wanted,
+                                      strings_can_be_null=True))
     except pa.ArrowInvalid as e:
         if fmt == "csv":
             with open(path, encoding="utf-8", newline="") as f:
@@ -405,65 +459,67 @@ def _read_tabular_file(path: Path, fmt: str, fields: dict[str, str]) -> pa.Table
         raise DataError(f"{path}: not a readable {fmt} file ({e})") from None
 
 
+def _id_column(col: pa.Array, name: str, role: str, where: Callable[[int], str], path: Path) -> pa.Array:
+    """A user/item id column as strings; a missing or empty id names its row."""
+    if col.null_count:
+        row = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+        raise DataError(f"{where(row)}: {name}: expected a value, got an empty one")
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        if not pa.types.is_integer(col.type):
+            raise DataError(f"{path}: {name}: expected an integer or string {role} id column, got {col.type}")
+        col = pc.cast(col, pa.string())
+    empty = pc.equal(col, "").to_numpy(zero_copy_only=False)
+    if empty.any():
+        raise DataError(f"{where(int(np.argmax(empty)))}: {name}: expected a value, got an empty one")
+    return col
+
+
 def load_tabular(path: str | Path, fmt: str, *, drop_unknown: bool = False, user_field: str | None = None,
                  item_field: str | None = None, time_field: str | None = None,
                  title_field: str | None = None, domain: str = "movie") -> Interactions:
     """A Parquet or CSV log (a file, or a directory of part files read in name order), one row per
     interaction with user, item, time and item-title columns (names mapped by the ``*_field`` args).
 
-    Rows are numbered from 1 per file, after the CSV header. A missing value names the file, the row
-    and the field; an item's title is the one on its first row.
+    Read batch by batch. Rows are numbered from 1 per file, after the CSV header. A missing value
+    names the file, the row and the field; an item's title is the one on its first row.
     """
     path = Path(path)
     suffix = ".parquet" if fmt == "parquet" else ".csv"
     fields = {"user": user_field or TABULAR_DEFAULTS["user"], "item": item_field or TABULAR_DEFAULTS["item"],
               "time": time_field or TABULAR_DEFAULTS["time"], "title": title_field or TABULAR_DEFAULTS["title"]}
     files = _tabular_files(path, suffix)
-    tables, starts = [], []
-    total = 0
-    for f in files:
-        t = _read_tabular_file(f, fmt, fields)
-        starts.append(total)
-        total += t.num_rows
-        tables.append(t)
+    starts: list[int] = []  # global row index of each file's first row
 
     def where(row: int) -> str:
         k = bisect.bisect_right(starts, row) - 1
         return f"{files[k]}: row {row - starts[k] + 1}"
 
-    cols = {}
-    for role, name in fields.items():
-        col = pa.chunked_array([t[name] for t in tables])
-        if role != "time":
-            if col.null_count:
-                row = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
-                if role != "title":
-                    raise DataError(f"{where(row)}: {name}: expected a value, got an empty one")
-            if role != "title" and not pa.types.is_string(col.type):
-                if not (pa.types.is_integer(col.type) or pa.types.is_large_string(col.type)):
-                    raise DataError(f"{files[0]}: {name}: expected an integer or string {role} id column, "
-                                    f"got {col.type}")
-                col = pc.cast(col, pa.string())
-            if role != "title":
-                empty = pc.equal(col, "").to_numpy(zero_copy_only=False)
-                if empty.any():
-                    raise DataError(f"{where(int(np.argmax(empty)))}: {name}: expected a value, got an empty one")
-        cols[role] = col
-    del tables
-    times = _numbers(cols["time"], where, fields["time"])
-    # Titles: the first row of each item names it (items are few: a Python loop per item is cheap).
-    codes, raw = _codes(cols["item"])
-    _, first_rows = np.unique(codes, return_index=True)
-    first_titles = cols["title"].take(pa.array(first_rows)).to_pylist()
-    titles_by_raw = {}
-    for code, title in enumerate(first_titles):
-        title = normalize_title(str(title)) if title is not None else ""
-        if title:
-            titles_by_raw[raw[code]] = title
-    source = f"{fmt}:{path.stem}"
-    return build_interactions(source, domain, cols["user"], cols["item"], times, titles_by_raw,
-                              drop_unknown=drop_unknown, where=where,
-                              missing_title=f"column {fields['title']!r} on its first row", file=path)
+    log = _Log()
+    titles_by_raw: dict[str, str] = {}
+    for f in files:
+        starts.append(log.rows)
+        for batch in _tabular_batches(f, fmt, fields):
+            base = log.rows
+
+            def at(row: int, base: int = base) -> str:
+                return where(base + row)
+
+            users = _id_column(batch.column(fields["user"]), fields["user"], "user", at, f)
+            items = _id_column(batch.column(fields["item"]), fields["item"], "item", at, f)
+            seen = len(log.items.index)
+            codes = log.add(users, items, _numbers(batch.column(fields["time"]), at, fields["time"]))
+            # Titles: each new item's first row in this batch names it (a loop per new item only).
+            new = np.flatnonzero(codes >= seen)
+            if len(new):
+                new_codes, first = np.unique(codes[new], return_index=True)
+                raw = log.items.raw if len(new_codes) else []
+                titles = batch.column(fields["title"]).take(pa.array(new[first])).to_pylist()
+                for code, title in zip(new_codes.tolist(), titles):
+                    title = normalize_title(str(title)) if title is not None else ""
+                    if title:
+                        titles_by_raw[raw[code]] = title
+    return build_interactions(f"{fmt}:{path.stem}", domain, log, titles_by_raw, drop_unknown=drop_unknown,
+                              where=where, missing_title=f"column {fields['title']!r} on its first row", file=path)
 
 
 # ----------------------------------------------------------------------------------------------
