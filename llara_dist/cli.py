@@ -27,6 +27,7 @@ _PREPARE_KEYS = {
     "samples_per_shard": "prepare.samples_per_shard",
     "drop_unknown": "prepare.drop_unknown",
     "domain": "prepare.domain",
+    "engine": "prepare.engine",
 }
 _TRAIN_REC_KEYS = {"data": "data.shards", "model": "rec.model", "out": "rec.out", "epochs": "rec.epochs",
                    "seed": "rec.seed", "device": "rec.device", "hidden_size": "rec.hidden_size"}
@@ -57,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="interaction logs -> seeded samples -> WebDataset shards")
     _common(p)
-    p.add_argument("--format", choices=["synthetic", "recbole", "grouplens"])
-    p.add_argument("--input", help="input directory (recbole / grouplens)")
+    p.add_argument("--format", choices=["synthetic", "recbole", "grouplens", "parquet", "csv"])
+    p.add_argument("--input", help="input directory (recbole / grouplens), file or directory (parquet / csv)")
     p.add_argument("--out", help="output shard directory")
     p.add_argument("--users", type=int)
     p.add_argument("--items", type=int)
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int)
     p.add_argument("--drop-unknown", action="store_true", default=None)
     p.add_argument("--domain", choices=["movie", "game", "artist"])
+    p.add_argument("--engine", choices=["local", "ray"],
+                   help="ray: a Ray Data pipeline (default: ray when connected to a multi-node cluster)")
 
     p = sub.add_parser("train-rec", help="train SASRec / GRU4Rec / Caser and export the frozen item table")
     _common(p)

@@ -30,8 +30,8 @@ class _Section(BaseModel):
 class PrepareConfig(_Section):
     """`llara-dist prepare`: raw interactions -> seeded samples -> WebDataset shards."""
 
-    format: Literal["synthetic", "recbole", "grouplens"] = "synthetic"
-    input: str | None = None  # directory for recbole/grouplens
+    format: Literal["synthetic", "recbole", "grouplens", "parquet", "csv"] = "synthetic"
+    input: str | None = None  # directory for recbole/grouplens; a file or directory of files for parquet/csv
     out: str = "shards/synthetic"
     users: int = Field(600, ge=1)  # synthetic only
     items: int = Field(400, ge=2)  # synthetic only
@@ -40,10 +40,18 @@ class PrepareConfig(_Section):
     num_candidates: int = Field(20, ge=2)
     samples_per_shard: int = Field(2000, ge=1)
     drop_unknown: bool = False
-    # recbole only: column names when the files use unusual ones (default: detected, e.g. item_id /
-    # product_id / artist_id, and movie_title / title / app_name / name)
+    # Column names. recbole: overrides of the detected ones (item_id / product_id / artist_id, ...,
+    # movie_title / title / app_name / name; user_id; timestamp). parquet/csv: the column mapping
+    # (default user_id, item_id, timestamp, title).
+    user_field: str | None = None
     item_field: str | None = None
+    time_field: str | None = None
     title_field: str | None = None
+    dedup: Literal["none", "consecutive", "all"] = "none"  # collapse repeats in each user's sequence
+    negatives: Literal["unseen", "any"] = "unseen"  # may a history item be a negative candidate?
+    compression: Literal["none", "gzip"] = "none"  # gzip: .tar.gz shards (WebDataset reads them as is)
+    workers: int = Field(1, ge=1)  # local engine: processes writing shards (output identical for any value)
+    engine: Literal["local", "ray", "auto"] = "auto"  # auto: ray when connected to a multi-node cluster
     domain: Literal["movie", "game", "artist"] | None = None  # default: from the source
     seed: int = 0  # fixes the synthetic data and the valid/test candidates
 

@@ -51,15 +51,95 @@ def split_samples(sequences: Sequence[list[int]], *, history_len: int,
     return out, dropped
 
 
+# ----------------------------------------------------------------------------------------------
+# The same splits, columnar: a sample is the global index of its target in the flat item array
+# (`Interactions.items`), so a split of 20M samples is one int64 array, not 20M dicts.
+
+
+def split_positions(offsets: np.ndarray, *, history_len: int,
+                    min_history: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """`split_samples` vectorised: per split the targets' global indices, in user order."""
+    starts = offsets[:-1]
+    n = np.diff(offsets)
+    ok = history_len >= min_history  # else no window is ever long enough
+    # train: positions min_history .. n-3 (a train target needs min_history items before it)
+    counts = np.maximum(n - 2 - min_history, 0) if ok else np.zeros_like(n)
+    total = int(counts.sum())
+    first = np.cumsum(counts) - counts
+    train = np.arange(total, dtype=np.int64) + np.repeat(starts + min_history - first, counts)
+    out = {"train": train}
+    for split, back in (("valid", 2), ("test", 1)):
+        pos = n - back
+        keep = (pos >= 1) & (pos >= min_history) & ok
+        out[split] = (starts + pos)[keep].astype(np.int64)
+    kept = sum(len(v) for v in out.values())
+    dropped = {"short_history_samples": int(np.maximum(n - 1, 0).sum()) - kept,
+               "users_without_test_sample": int((n - 1 < min_history).sum())}
+    return out, dropped
+
+
+def users_of(offsets: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return np.searchsorted(offsets, targets, side="right") - 1
+
+
+def windows(items: np.ndarray, offsets: np.ndarray, targets: np.ndarray,
+            history_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, (n, history_len) history matrix left-padded with -1, history lengths) of `targets`."""
+    users = users_of(offsets, targets)
+    idx = targets[:, None] - history_len + np.arange(history_len)
+    valid = idx >= offsets[users][:, None]
+    hist = np.where(valid, items[np.maximum(idx, 0)], -1)
+    return users, hist, valid.sum(axis=1)
+
+
+def dedup_sequences(items: np.ndarray, offsets: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Collapse repeated items in each user's sequence: ``consecutive`` drops an item equal to the one
+    just before it; ``all`` keeps only each item's first occurrence. Returns (items, offsets, removed)."""
+    if mode == "none" or len(items) == 0:
+        return items, offsets, 0
+    users = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    if mode == "consecutive":
+        keep = np.ones(len(items), dtype=bool)
+        keep[1:] = (items[1:] != items[:-1]) | (users[1:] != users[:-1])
+    elif mode == "all":
+        key = users.astype(np.int64) * (int(items.max()) + 1) + items
+        _, first = np.unique(key, return_index=True)  # first index of each (user, item)
+        keep = np.zeros(len(items), dtype=bool)
+        keep[first] = True
+    else:
+        raise DataError(f"prepare.dedup: expected one of none, consecutive, all, got {mode!r}")
+    counts = np.bincount(users[keep], minlength=len(offsets) - 1)
+    new_offsets = np.zeros_like(offsets)
+    np.cumsum(counts, out=new_offsets[1:])
+    return items[keep], new_offsets, int(len(items) - keep.sum())
+
+
+def target_in_history(items: np.ndarray, offsets: np.ndarray, targets: np.ndarray, history_len: int,
+                      chunk: int = 1 << 20) -> int:
+    """How many of these samples have their target inside their own history window."""
+    found = 0
+    for a in range(0, len(targets), chunk):
+        _, hist, _ = windows(items, offsets, targets[a:a + chunk], history_len)
+        found += int((hist == items[targets[a:a + chunk]][:, None]).any(axis=1).sum())
+    return found
+
+
 def _seed_words(seed: int) -> int:
     return seed & 0xFFFFFFFFFFFFFFFF  # SeedSequence wants non-negative entropy
 
 
+NEGATIVES = ("unseen", "any")
+
+
 def draw_candidates(rng: np.random.Generator, target: int, history: Sequence[int], n_items: int,
-                    num_candidates: int) -> list[int]:
+                    num_candidates: int, negatives: str = "unseen") -> list[int]:
     """The target plus ``num_candidates - 1`` distinct negatives drawn uniformly from the items that
-    are neither the target nor in the history; shuffled."""
-    excluded = set(history)
+    are neither the target nor (with ``negatives="unseen"``) in the history; shuffled.
+
+    ``negatives="any"`` lets history items be negatives too: on logs with repeats, "unseen" leaves
+    the target as the only candidate that can also be in the history (a shortcut for the model).
+    """
+    excluded = set(history) if negatives == "unseen" else set()
     excluded.add(target)
     need = num_candidates - 1
     available = n_items - len(excluded)
@@ -85,14 +165,16 @@ def draw_candidates(rng: np.random.Generator, target: int, history: Sequence[int
     return candidates
 
 
-def eval_candidates(sample: dict, n_items: int, num_candidates: int, seed: int) -> list[int]:
+def eval_candidates(sample: dict, n_items: int, num_candidates: int, seed: int,
+                    negatives: str = "unseen") -> list[int]:
     """Fixed valid/test candidates: drawn once at prepare time from (seed, sample key)."""
     rng = np.random.default_rng([_seed_words(seed), _EVAL_STREAM, zlib.crc32(sample["key"].encode())])
-    return draw_candidates(rng, sample["target"], sample["history"], n_items, num_candidates)
+    return draw_candidates(rng, sample["target"], sample["history"], n_items, num_candidates, negatives)
 
 
-def train_candidates(sample: dict, n_items: int, num_candidates: int, seed: int, epoch: int) -> list[int]:
+def train_candidates(sample: dict, n_items: int, num_candidates: int, seed: int, epoch: int,
+                     negatives: str = "unseen") -> list[int]:
     """Train-time candidates, drawn while streaming from (seed, epoch, sample key): a resumed run
-    draws exactly the same ones."""
+    draws exactly the same ones. `negatives` is meta.json's ``negatives`` (absent means "unseen")."""
     rng = np.random.default_rng([_seed_words(seed), _TRAIN_STREAM, epoch, zlib.crc32(sample["key"].encode())])
-    return draw_candidates(rng, sample["target"], sample["history"], n_items, num_candidates)
+    return draw_candidates(rng, sample["target"], sample["history"], n_items, num_candidates, negatives)

@@ -14,24 +14,54 @@ way. Every problem with the input raises `DataError` naming the file, the line a
 
 from __future__ import annotations
 
+import bisect
+import csv as pycsv
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from llara_dist.errors import DataError
 
 
 @dataclass
 class Interactions:
-    """A data set ready for splitting: each user's items in time order, plus the item titles."""
+    """A data set ready for splitting, held columnar: every user's items in time order, end to end.
+
+    ``items[offsets[u]:offsets[u + 1]]`` is user u's sequence (oldest first). Two flat integer
+    arrays instead of a list per user: 20M interactions take 240 MB, not several GB of Python ints.
+    """
 
     source: str
     domain: str
     titles: list[str]  # index = dense item id
-    sequences: list[list[int]]  # index = dense user id; oldest interaction first
+    items: np.ndarray  # int32, grouped by dense user id, time order inside a user
+    offsets: np.ndarray  # int64, n_users + 1 entries
     filtered: dict[str, int] = field(default_factory=dict)  # what was dropped, and why
+
+    @classmethod
+    def from_sequences(cls, source: str, domain: str, titles: list[str], sequences: list[list[int]],
+                       filtered: dict[str, int] | None = None) -> "Interactions":
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        items = np.fromiter((i for s in sequences for i in s), dtype=np.int32, count=int(offsets[-1]))
+        return cls(source, domain, titles, items, offsets, dict(filtered or {}))
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        """Per-user lists (small data sets and tests only: this is the memory the arrays save)."""
+        return [self.items[a:b].tolist() for a, b in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +86,7 @@ def normalize_title(raw: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Dense ids
+# Columnar building: raw id columns -> dense ids -> time-ordered per-user arrays (Arrow + NumPy)
 
 
 def _sorted_raw_ids(raw_ids) -> list[str]:
@@ -66,35 +96,185 @@ def _sorted_raw_ids(raw_ids) -> list[str]:
     return sorted(ids)
 
 
-def _build(source: str, domain: str, rows: list[tuple[str, str, float]], titles_by_raw: dict[str, str],
-           filtered: dict[str, int]) -> Interactions:
-    """rows: (raw user, raw item, timestamp) in input order, every item known to `titles_by_raw`."""
-    item_ids = {raw: i for i, raw in enumerate(_sorted_raw_ids({r[1] for r in rows}))}
-    user_ids = {raw: u for u, raw in enumerate(_sorted_raw_ids({r[0] for r in rows}))}
-    per_user: list[list[tuple[float, int, int]]] = [[] for _ in user_ids]
-    for order, (user, item, ts) in enumerate(rows):
-        per_user[user_ids[user]].append((ts, order, item_ids[item]))
-    # Time order; ties keep input order (the `order` field), so the result is stable.
-    sequences = [[item for _, _, item in sorted(events)] for events in per_user]
-    titles = [""] * len(item_ids)
-    for raw, i in item_ids.items():
-        titles[i] = titles_by_raw[raw]
-    return Interactions(source=source, domain=domain, titles=titles, sequences=sequences, filtered=filtered)
+class _Ids:
+    """Raw id -> provisional code in first-seen order, fed batch by batch: Arrow hashes each batch's
+    rows, Python only sees the batch's distinct ids (users and items are few next to rows)."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+
+    def encode(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        enc = pc.dictionary_encode(column)
+        index = self.index
+        lookup = np.fromiter((index.setdefault(r, len(index)) for r in enc.dictionary.to_pylist()),
+                             dtype=np.int32, count=len(enc.dictionary))
+        return lookup[enc.indices.to_numpy(zero_copy_only=False)]
+
+    @property
+    def raw(self) -> list[str]:
+        return list(self.index)
 
 
-def _attach_titles(rows, titles_by_raw: dict[str, str], drop_unknown: bool, inter_file: Path,
-                   lines: list[int]) -> tuple[list, dict[str, int]]:
-    """Keep interactions whose item has a title; without --drop-unknown a missing one is an error."""
-    kept, dropped = [], 0
-    for row, line in zip(rows, lines):
-        if row[1] in titles_by_raw:
-            kept.append(row)
-        elif drop_unknown:
-            dropped += 1
-        else:
-            raise DataError(f"{inter_file}:{line}: item {row[1]!r} has no title in the item file "
-                            "(pass --drop-unknown to drop such interactions)")
-    return kept, {"unknown_item_interactions": dropped}
+@dataclass
+class _Log:
+    """The interaction columns, accumulated batch by batch as compact arrays (no strings kept)."""
+
+    users: _Ids = field(default_factory=_Ids)
+    items: _Ids = field(default_factory=_Ids)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    rows: int = 0
+
+    def add(self, users: pa.Array, items: pa.Array, times: np.ndarray) -> np.ndarray:
+        """Append a batch; returns its item codes (for first-row titles)."""
+        item_codes = self.items.encode(items)
+        self.parts.append((self.users.encode(users), item_codes, times))
+        self.rows += len(times)
+        return item_codes
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cols = tuple(np.concatenate([p[k] for p in self.parts]) if self.parts else np.zeros(0, dt)
+                     for k, dt in enumerate((np.int32, np.int32, np.float64)))
+        self.parts = []
+        return cols
+
+
+def _dense(codes: np.ndarray, raw: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Renumber `codes` densely over the values that occur, in `_sorted_raw_ids` order."""
+    present = np.flatnonzero(np.bincount(codes, minlength=len(raw)))
+    ordered = _sorted_raw_ids(raw[c] for c in present.tolist())
+    rank = {r: i for i, r in enumerate(ordered)}
+    remap = np.full(len(raw), -1, dtype=np.int32)
+    remap[present] = [rank[raw[c]] for c in present.tolist()]
+    return remap[codes], ordered
+
+
+def build_interactions(source: str, domain: str, log: _Log, titles_by_raw: dict[str, str], *,
+                       drop_unknown: bool, where: Callable[[int], str], missing_title: str,
+                       file: Path | str) -> Interactions:
+    """Rows (raw user, raw item, time) in input order -> `Interactions`.
+
+    Items without a title are an error naming ``where(row)`` unless `drop_unknown`. Dense ids are
+    given over the kept rows only. Each user's events are sorted by time with ties in input order
+    (a stable lexsort), so the result depends only on the rows, never on hashing or threads.
+    """
+    user_raw, item_raw = log.users.raw, log.items.raw
+    user_codes, item_codes, times = log.columns()
+    known = np.fromiter((r in titles_by_raw for r in item_raw), dtype=bool, count=len(item_raw))
+    keep = known[item_codes] if len(item_raw) else np.zeros(0, dtype=bool)
+    dropped = int(len(keep) - keep.sum())
+    if dropped and not drop_unknown:
+        row = int(np.argmin(keep))
+        raise DataError(f"{where(row)}: item {item_raw[item_codes[row]]!r} has no title in {missing_title} "
+                        "(pass --drop-unknown to drop such interactions)")
+    if dropped:
+        item_codes, user_codes, times = item_codes[keep], user_codes[keep], times[keep]
+    del keep
+    if len(item_codes) == 0:
+        raise DataError(f"{file}: no interactions")
+    dense_items, item_order = _dense(item_codes, item_raw)
+    del item_codes
+    dense_users, user_order = _dense(user_codes, user_raw)
+    del user_codes
+    order = np.lexsort((times, dense_users))  # by user, then time; stable, so ties keep input order
+    del times
+    seq_items = dense_items[order]
+    del order, dense_items
+    counts = np.bincount(dense_users, minlength=len(user_order))
+    offsets = np.zeros(len(user_order) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    titles = [titles_by_raw[r] for r in item_order]
+    return Interactions(source=source, domain=domain, titles=titles, items=seq_items.astype(np.int32, copy=False),
+                        offsets=offsets, filtered={"unknown_item_interactions": dropped})
+
+
+def _numbers(column: pa.ChunkedArray | pa.Array, where: Callable[[int], str], field: str) -> np.ndarray:
+    """A timestamp column as float64; the first value that is not a number is named by row."""
+    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+        column = pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
+    if column.null_count:
+        row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
+        raise DataError(f"{where(row)}: {field}: expected a number, got an empty value")
+    try:
+        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    values = column.to_pylist()  # error path (or odd spellings Arrow refuses): Python's float decides
+    out = np.empty(len(values), dtype=np.float64)
+    for row, v in enumerate(values):
+        try:
+            out[row] = float(v)
+        except (TypeError, ValueError):
+            raise DataError(f"{where(row)}: {field}: expected a number, got {v!r}") from None
+    return out
+
+
+def _text_lines(path: Path, encoding: str) -> Iterator[str]:
+    with open(path, encoding=encoding, newline="") as f:
+        for line in f:
+            yield line.rstrip("\n").rstrip("\r")
+
+
+def _line_of_row(path: Path, row: int, header_lines: int, encoding: str) -> int:
+    """1-based file line of data row `row` (0-based), skipping blank lines as the reader does."""
+    seen = -1
+    for n, line in enumerate(_text_lines(path, encoding), start=1):
+        if n <= header_lines or not line:
+            continue
+        seen += 1
+        if seen == row:
+            return n
+    return n  # pragma: no cover  (row beyond the file: cannot happen for a row Arrow read)
+
+
+_BATCH_BYTES = 1 << 24  # Arrow reads 16 MB blocks: memory per batch stays small whatever the file size
+
+
+def _delimited_batches(path: Path, names: list[str], columns: list[str], *, header_lines: int, encoding: str,
+                       describe: str) -> Iterator[pa.RecordBatch]:
+    """Tab-separated text as Arrow record batches (streaming): no quoting, every column a string.
+
+    A row with the wrong number of fields is reported with its exact line (found by a Python scan,
+    on the error path only).
+    """
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=header_lines, encoding=encoding,
+                                           block_size=_BATCH_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
+                                             newlines_in_values=False),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                                 include_columns=columns, strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False))
+        yield from reader
+    except pa.ArrowInvalid as e:
+        for n, line in enumerate(_text_lines(path, encoding), start=1):
+            if n > header_lines and line and len(line.split("\t")) != len(names):
+                raise DataError(f"{path}:{n}: expected {len(names)} tab-separated fields "
+                                f"({describe}), got {len(line.split(chr(9)))}") from None
+        raise DataError(f"{path}: not readable as tab-separated text ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid {encoding} ({e})") from None
+
+
+def _read_text_log(path: Path, names: list[str], cols: tuple[str, str, str], *, header_lines: int,
+                   encoding: str, describe: str, strip: bool = False) -> tuple[_Log, Callable[[int], str]]:
+    """(user, item, time) columns of a tab-separated log, batch by batch; and `where(row)` -> file:line."""
+
+    def where(row: int) -> str:
+        return f"{path}:{_line_of_row(path, row, header_lines, encoding)}"
+
+    log = _Log()
+    for batch in _delimited_batches(path, names, list(cols), header_lines=header_lines, encoding=encoding,
+                                    describe=describe):
+        u, i, t = (batch.column(c) for c in cols)
+        if strip:
+            u, i = pc.utf8_trim_whitespace(u), pc.utf8_trim_whitespace(i)
+        base = log.rows
+        log.add(u, i, _numbers(t, lambda r, base=base: where(base + r), "timestamp"))
+    return log, where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,13 +337,15 @@ def _guess_domain(name: str) -> str:
 
 
 def load_recbole(directory: str | Path, *, drop_unknown: bool = False, item_field: str | None = None,
-                 title_field: str | None = None) -> Interactions:
-    """Read ``*.inter`` and ``*.item``; `item_field` / `title_field` override the detected columns."""
+                 title_field: str | None = None, user_field: str | None = None,
+                 time_field: str | None = None) -> Interactions:
+    """Read ``*.inter`` and ``*.item``; the ``*_field`` arguments override the detected columns."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: input directory not found")
     inter_file, item_file = _one_file(directory, "*.inter"), _one_file(directory, "*.item")
 
+    # The item file is one row per item: small, read line by line to name duplicates exactly.
     header, rows = _read_atomic(item_file)
     item_names = (item_field,) if item_field else _ITEM_FIELDS
     id_col = _column(header, item_names, item_file, "item id")
@@ -179,22 +361,22 @@ def load_recbole(directory: str | Path, *, drop_unknown: bool = False, item_fiel
         if title:  # an empty title counts as "no title"
             titles_by_raw[raw] = title
 
-    header, rows = _read_atomic(inter_file)
-    u_col = _column(header, ("user_id",), inter_file, "user id")
-    i_col = _column(header, (item_field,), inter_file, "item id")
-    t_col = _column(header, ("timestamp",), inter_file, "timestamp")
-    events, lines = [], []
-    for n, fields in rows:
-        try:
-            ts = float(fields[t_col])
-        except ValueError:
-            raise DataError(f"{inter_file}:{n}: timestamp: expected a number, got {fields[t_col]!r}") from None
-        events.append((fields[u_col], fields[i_col], ts))
-        lines.append(n)
-    events, filtered = _attach_titles(events, titles_by_raw, drop_unknown, inter_file, lines)
-    if not events:
-        raise DataError(f"{inter_file}: no interactions")
-    return _build("recbole:" + inter_file.stem, _guess_domain(inter_file.stem), events, titles_by_raw, filtered)
+    # The interaction file is the big one: Arrow reads it, columns only.
+    with open(inter_file, encoding="utf-8", newline="") as f:
+        first = f.readline().rstrip("\n").rstrip("\r")
+    if not first.strip():
+        raise DataError(f"{inter_file}:1: missing header line (expected e.g. 'user_id:token<TAB>item_id:token')")
+    raw_names = first.split("\t")
+    header = [h.split(":", 1)[0].strip() for h in raw_names]
+    names = [f"{i}:{h}" for i, h in enumerate(header)]  # unique even if a header repeats a name
+    u_col = names[_column(header, (user_field or "user_id",), inter_file, "user id")]
+    i_col = names[_column(header, (item_field,), inter_file, "item id")]
+    t_col = names[_column(header, (time_field or "timestamp",), inter_file, "timestamp")]
+    log, where = _read_text_log(inter_file, names, (u_col, i_col, t_col), header_lines=1, encoding="utf-8",
+                                describe=", ".join(header))
+    return build_interactions("recbole:" + inter_file.stem, _guess_domain(inter_file.stem), log, titles_by_raw,
+                              drop_unknown=drop_unknown, where=where, missing_title="the item file",
+                              file=inter_file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,24 +401,125 @@ def load_grouplens(directory: str | Path, *, drop_unknown: bool = False) -> Inte
         if title:
             titles_by_raw[fields[0].strip()] = title
 
-    events, lines = [], []
-    for n, line in enumerate(data_file.read_text(encoding="latin-1").splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 4:
-            raise DataError(f"{data_file}:{n}: expected 4 tab-separated fields "
-                            f"(user, item, rating, timestamp), got {len(fields)}")
-        try:
-            ts = float(fields[3])
-        except ValueError:
-            raise DataError(f"{data_file}:{n}: timestamp: expected a number, got {fields[3]!r}") from None
-        events.append((fields[0].strip(), fields[1].strip(), ts))
-        lines.append(n)
-    events, filtered = _attach_titles(events, titles_by_raw, drop_unknown, data_file, lines)
-    if not events:
-        raise DataError(f"{data_file}: no interactions")
-    return _build("grouplens:ml-100k", "movie", events, titles_by_raw, filtered)
+    log, where = _read_text_log(data_file, ["user", "item", "rating", "timestamp"], ("user", "item", "timestamp"),
+                                header_lines=0, encoding="latin-1", describe="user, item, rating, timestamp",
+                                strip=True)
+    return build_interactions("grouplens:ml-100k", "movie", log, titles_by_raw, drop_unknown=drop_unknown,
+                              where=where, missing_title="the item file", file=data_file)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet and CSV logs with a column mapping (prepare.user_field / item_field / time_field / title_field)
+
+TABULAR_DEFAULTS = {"user": "user_id", "item": "item_id", "time": "timestamp", "title": "title"}
+
+
+def _tabular_files(path: Path, suffix: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith(suffix) and p.is_file())
+        if files:
+            return files
+        raise DataError(f"{path}: no *{suffix} file found")
+    raise DataError(f"{path}: input file or directory not found")
+
+
+def _tabular_batches(path: Path, fmt: str, fields: dict[str, str]) -> Iterator[pa.RecordBatch]:
+    """The mapped columns of one Parquet/CSV file as record batches (streaming)."""
+    wanted = list(dict.fromkeys(fields.values()))
+    try:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(path)
+            have = pf.schema_arrow.names
+        else:
+            with open(path, encoding="utf-8", newline="") as f:
+                have = next(pycsv.reader([f.readline()]), [])
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable {fmt} file ({e})") from None
+    for role, name in fields.items():
+        if name not in have:
+            raise DataError(f"{path}: missing {role} column {name!r} (set prepare.{role}_field; "
+                            f"the file has {', '.join(map(str, have))})")
+    try:
+        if fmt == "parquet":
+            yield from pf.iter_batches(batch_size=1 << 20, columns=wanted)
+            return
+        yield from pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_BATCH_BYTES),
+                                  convert_options=pacsv.ConvertOptions(
+                                      column_types={c: pa.string() for c in wanted}, include_columns=wanted,
+                                      strings_can_be_null=True))
+    except pa.ArrowInvalid as e:
+        if fmt == "csv":
+            with open(path, encoding="utf-8", newline="") as f:
+                for row, rec in enumerate(pycsv.reader(f)):
+                    if row and len(rec) != len(have):
+                        raise DataError(f"{path}: row {row}: expected {len(have)} comma-separated fields "
+                                        f"({', '.join(have)}), got {len(rec)}") from None
+        raise DataError(f"{path}: not a readable {fmt} file ({e})") from None
+
+
+def _id_column(col: pa.Array, name: str, role: str, where: Callable[[int], str], path: Path) -> pa.Array:
+    """A user/item id column as strings; a missing or empty id names its row."""
+    if col.null_count:
+        row = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+        raise DataError(f"{where(row)}: {name}: expected a value, got an empty one")
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        if not pa.types.is_integer(col.type):
+            raise DataError(f"{path}: {name}: expected an integer or string {role} id column, got {col.type}")
+        col = pc.cast(col, pa.string())
+    empty = pc.equal(col, "").to_numpy(zero_copy_only=False)
+    if empty.any():
+        raise DataError(f"{where(int(np.argmax(empty)))}: {name}: expected a value, got an empty one")
+    return col
+
+
+def load_tabular(path: str | Path, fmt: str, *, drop_unknown: bool = False, user_field: str | None = None,
+                 item_field: str | None = None, time_field: str | None = None,
+                 title_field: str | None = None, domain: str = "movie") -> Interactions:
+    """A Parquet or CSV log (a file, or a directory of part files read in name order), one row per
+    interaction with user, item, time and item-title columns (names mapped by the ``*_field`` args).
+
+    Read batch by batch. Rows are numbered from 1 per file, after the CSV header. A missing value
+    names the file, the row and the field; an item's title is the one on its first row.
+    """
+    path = Path(path)
+    suffix = ".parquet" if fmt == "parquet" else ".csv"
+    fields = {"user": user_field or TABULAR_DEFAULTS["user"], "item": item_field or TABULAR_DEFAULTS["item"],
+              "time": time_field or TABULAR_DEFAULTS["time"], "title": title_field or TABULAR_DEFAULTS["title"]}
+    files = _tabular_files(path, suffix)
+    starts: list[int] = []  # global row index of each file's first row
+
+    def where(row: int) -> str:
+        k = bisect.bisect_right(starts, row) - 1
+        return f"{files[k]}: row {row - starts[k] + 1}"
+
+    log = _Log()
+    titles_by_raw: dict[str, str] = {}
+    for f in files:
+        starts.append(log.rows)
+        for batch in _tabular_batches(f, fmt, fields):
+            base = log.rows
+
+            def at(row: int, base: int = base) -> str:
+                return where(base + row)
+
+            users = _id_column(batch.column(fields["user"]), fields["user"], "user", at, f)
+            items = _id_column(batch.column(fields["item"]), fields["item"], "item", at, f)
+            seen = len(log.items.index)
+            codes = log.add(users, items, _numbers(batch.column(fields["time"]), at, fields["time"]))
+            # Titles: each new item's first row in this batch names it (a loop per new item only).
+            new = np.flatnonzero(codes >= seen)
+            if len(new):
+                new_codes, first = np.unique(codes[new], return_index=True)
+                raw = log.items.raw if len(new_codes) else []
+                titles = batch.column(fields["title"]).take(pa.array(new[first])).to_pylist()
+                for code, title in zip(new_codes.tolist(), titles):
+                    title = normalize_title(str(title)) if title is not None else ""
+                    if title:
+                        titles_by_raw[raw[code]] = title
+    return build_interactions(f"{fmt}:{path.stem}", domain, log, titles_by_raw, drop_unknown=drop_unknown,
+                              where=where, missing_title=f"column {fields['title']!r} on its first row", file=path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,4 +609,4 @@ def generate_synthetic(users: int, items: int, seed: int, *, min_len: int = 8, m
             seen.add(item)
             seq.append(item)
         sequences.append(seq)
-    return Interactions(source="synthetic", domain="movie", titles=titles, sequences=sequences, filtered={})
+    return Interactions.from_sequences("synthetic", "movie", titles, sequences)
