@@ -153,6 +153,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.shard_dir = self.location.label
         meta = load_meta(self.location)
         self.n_items = meta["n_items"]
+        self.negatives = meta.get("negatives", "unseen")  # train candidates follow prepare's rule
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.block, self.num_candidates = seed, shuffle_buffer, num_candidates
         if num_candidates > self.n_items:
@@ -279,7 +280,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         samples = []
         for shard, data in raw:
             s = decode_sample(data, shard=shard, n_items=self.n_items, with_candidates=False)
-            s["candidates"] = train_candidates(s, self.n_items, self.num_candidates, self.seed, epoch)
+            s["candidates"] = train_candidates(s, self.n_items, self.num_candidates, self.seed, epoch,
+                                               negatives=self.negatives)
             samples.append(s)
         return samples
 

@@ -39,7 +39,7 @@ SUMMARY_NAME = "pretrain_summary.json"
 
 
 def _batches(samples: list[dict], titles: list[str], cfg: Config, domain: str, n_items: int,
-             num_candidates: int) -> Iterator[list]:
+             num_candidates: int, negatives: str = "unseen") -> Iterator[list]:
     """Endless shuffled batches of text-only prompts; candidates redrawn every epoch, as in training."""
     p = cfg.pretrain
     rng = random.Random(p.seed)
@@ -51,7 +51,7 @@ def _batches(samples: list[dict], titles: list[str], cfg: Config, domain: str, n
             batch = []
             for i in order[start:start + p.batch_size]:
                 s = dict(samples[i])
-                s["candidates"] = train_candidates(s, n_items, num_candidates, p.seed, epoch)
+                s["candidates"] = train_candidates(s, n_items, num_candidates, p.seed, epoch, negatives=negatives)
                 batch.append(build_prompt(s, titles, mode="text", domain=domain, seed=p.seed))
             yield batch
         epoch += 1
@@ -127,7 +127,8 @@ def pretrain_base(cfg: Config, out_dir: str | Path | None = None, *, progress: b
     # Starts from the same seeded random weights as the plain tiny preset (model.tiny.seed).
     model = build_tiny_llama(cfg.model.tiny, tokenizer, len(tokenizer), dtype, cfg.model.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
-    batches = _batches(samples, titles, cfg, domain, int(meta["n_items"]), int(meta["num_candidates"]))
+    batches = _batches(samples, titles, cfg, domain, int(meta["n_items"]), int(meta["num_candidates"]),
+                       meta.get("negatives", "unseen"))
     t0 = time.perf_counter()
     losses = fit_causal_lm(model, tokenizer, batches, p, cfg.data.max_length, progress=progress)
     seconds = time.perf_counter() - t0
