@@ -239,7 +239,7 @@ def export_from_checkpoint(cfg: Config, ckpt: Path, out: Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from llara_dist.data.shards import load_meta, load_titles
-    from llara_dist.model.llara import build_model, load_tokenizer, save_export_from_state
+    from llara_dist.model.llara import build_model, load_tokenizer, write_export
     from llara_dist.recommender.table import load_item_table
 
     try:
@@ -249,9 +249,8 @@ def export_from_checkpoint(cfg: Config, ckpt: Path, out: Path) -> Path:
     table, _ = load_item_table(cfg.train.rec_dir, load_meta(cfg.data.shards))
     tokenizer = load_tokenizer(cfg.model, load_titles(cfg.data.shards))
     model = build_model(cfg, tokenizer, table.shape[1])
-    dtype = next(model.parameters()).dtype
-    state = {k: v.to(dtype) for k, v in state.items()}
-    save_export_from_state(model, state, tokenizer, out, extra_config={"source_checkpoint": str(ckpt)})
+    # The merged fp32 master copy is exported as it is (like RUN/final); load_export casts it.
+    write_export(model, tokenizer, out, state=state, extra_config={"source_checkpoint": str(ckpt)})
     return out
 
 

@@ -500,36 +500,22 @@ def _fp32_master(p: Tensor) -> Tensor | None:
     return safe_get_full_fp32_param(p)
 
 
-def save_export(model: LlaraModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
-                extra_config: dict[str, Any] | None = None) -> Path:
-    """Write a self-contained export of ``model`` (gathers ZeRO-3 partitions: call on every rank).
-
-    Layout: ``adapter/`` (PEFT), ``projector.safetensors``, ``special_tokens.safetensors``,
-    ``llara_config.json`` (+ ``extra_config``), tokenizer files, and for the tiny preset
-    ``base/`` (its random base weights). Only rank 0 writes.
-    """
-    params = list(trainable_parameters(model))
+def _trained_state(model: LlaraModel) -> dict[str, Tensor]:
+    """Full CPU copies of the trainable tensors, from the fp32 master copy where DeepSpeed keeps one
+    (collective under ZeRO-3: each tensor is gathered from its partitions, one at a time, so never
+    more than one full LoRA matrix is held)."""
     state = {}
-    for name, p in params:  # one at a time: never more than one full LoRA matrix gathered
+    for name, p in trainable_parameters(model):
         master = _fp32_master(p)
         if master is not None:
             state[name] = master.detach().to("cpu", copy=True)
             continue
         with _gathered([p]):
             state[name] = p.detach().to("cpu", copy=True)
-    return save_export_from_state(model, state, tokenizer, out_dir, extra_config)
+    return state
 
 
-def save_export_from_state(model: LlaraModel, state: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase,
-                           out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
-    """Like :func:`save_export`, with the trainable weights given as a plain full-size state dict.
-
-    ``state`` maps the names of :func:`trainable_parameters` (a ``module.`` prefix is accepted)
-    to full tensors, e.g. from ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(...,
-    exclude_frozen_parameters=True)``. ``model`` supplies the frozen parts (special-token rows,
-    tiny base) and is gathered if partitioned, so under ZeRO-3 call this on every rank.
-    """
-    out = Path(out_dir)
+def _checked_state(model: LlaraModel, state: dict[str, Tensor]) -> dict[str, Tensor]:
     state = {_strip_prefix(k): v for k, v in state.items()}
     expected = dict(trainable_parameters(model))
     missing = sorted(set(expected) - set(state))
@@ -540,7 +526,33 @@ def save_export_from_state(model: LlaraModel, state: dict[str, Tensor], tokenize
             # The classic ZeRO-3 trap: an ungathered partition saves as Size([0]).
             raise CheckpointError(f"export state: {name} has shape {tuple(state[name].shape)}, "
                                   f"expected {tuple(_full_shape(p))} (was it gathered from ZeRO-3 partitions?)")
+    return state
 
+
+def write_export(model: LlaraModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, *,
+                 state: dict[str, Tensor] | None = None, extra_config: dict[str, Any] | None = None) -> Path:
+    """Write the self-contained export that :func:`load_export` reads; the one exporter (the end of
+    training, ``RUN/best``, an export made from a DeepSpeed checkpoint).
+
+    Layout: ``adapter/`` (saved by PEFT's own ``save_pretrained``, so plain
+    ``PeftModel.from_pretrained(base, out_dir / "adapter")`` loads it), ``projector.safetensors``,
+    ``special_tokens.safetensors`` (the rows given fresh values: LLaRA's tokens, pad, added or
+    spare rows), ``llara_config.json`` (+ ``extra_config``), tokenizer files, and for the tiny
+    preset ``base/`` (its random base weights).
+
+    The trainable tensors come from ``state`` when given (full-size tensors named as in
+    :func:`trainable_parameters`, a ``module.`` prefix accepted, e.g. from
+    ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(..., exclude_frozen_parameters=True)``),
+    else from ``model`` itself, read from DeepSpeed's fp32 master copy under bf16/fp16 training.
+    Collective under ZeRO-3 (the frozen rows are gathered too): call it on every rank; rank 0
+    writes into a sibling ``.tmp`` directory renamed into place, so ``out_dir`` is always a whole
+    export, and the other ranks wait for it when a process group is up.
+    """
+    import os
+    import shutil
+
+    out = Path(out_dir)
+    state = _checked_state(model, _trained_state(model) if state is None else state)
     special = _special_rows(model)
     tiny = model.meta["model"]["name_or_path"] == "tiny"
     base_state: dict[str, Tensor] = {}
@@ -548,41 +560,42 @@ def save_export_from_state(model: LlaraModel, state: dict[str, Tensor], tokenize
         for name, p in _frozen_base_params(model):
             with _gathered([p]):
                 base_state[name] = p.detach().to("cpu", copy=True).contiguous()
-    if _rank() != 0:
-        return out
-
-    from peft import get_peft_model_state_dict
-
-    out.mkdir(parents=True, exist_ok=True)
-    lora_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
-    adapter = get_peft_model_state_dict(model.lm, state_dict=lora_state, save_embedding_layers=False)
-    (out / ADAPTER_DIR).mkdir(exist_ok=True)
-    peft_cfg = model.lm.peft_config["default"]
-    peft_cfg.save_pretrained(out / ADAPTER_DIR)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, out / ADAPTER_DIR / "adapter_model.safetensors",
-              metadata={"format": "pt"})
-    projector = {k[len("projector."):]: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
-    save_file(projector, out / PROJECTOR_NAME, metadata={"format": "pt"})
-    save_file(special, out / SPECIAL_ROWS_NAME, metadata={"format": "pt"})
-    if tiny:
-        base_dir = out / TINY_BASE_DIR
-        base_dir.mkdir(exist_ok=True)
-        model.lm.get_base_model().config.save_pretrained(base_dir)
-        save_file(base_state, base_dir / "model.safetensors", metadata={"format": "pt"})
-    tokenizer.save_pretrained(out)
-
     config = {"format": EXPORT_FORMAT, "schema_version": EXPORT_SCHEMA_VERSION, **model.meta}
     clash = sorted(set(extra_config or {}) & set(config))
     if clash:
-        raise ValueError(f"save_export: extra_config keys {clash} would overwrite the model's own keys")
+        raise ValueError(f"write_export: extra_config keys {clash} would overwrite the model's own keys")
     config.update(extra_config or {})
-    (out / LLARA_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    if _rank() == 0:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lora_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+        model.lm.save_pretrained(tmp / ADAPTER_DIR, state_dict=lora_state, save_embedding_layers=False)
+        projector = {k[len("projector."):]: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
+        save_file(projector, tmp / PROJECTOR_NAME, metadata={"format": "pt"})
+        save_file(special, tmp / SPECIAL_ROWS_NAME, metadata={"format": "pt"})
+        if tiny:
+            (tmp / TINY_BASE_DIR).mkdir()
+            model.lm.get_base_model().config.save_pretrained(tmp / TINY_BASE_DIR)
+            save_file(base_state, tmp / TINY_BASE_DIR / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / LLARA_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     return out
 
 
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise CheckpointError(f"{path}: missing ({what}); is this a directory written by save_export?")
+        raise CheckpointError(f"{path}: missing ({what}); is this a directory written by write_export?")
     return path
 
 

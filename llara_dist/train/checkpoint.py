@@ -271,31 +271,3 @@ def download_checkpoint(fs, path: str) -> str:
     local.mkdir()
     pyarrow.fs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
     return str(local)
-
-
-def export_final(model, tokenizer, out_dir: Path, *, rank: int, extra: dict) -> None:
-    """Export the trained model to ``out_dir`` (PEFT adapter, projector, tokenizer, llara_config.json).
-
-    Collective: ``save_export`` gathers each trainable tensor from its ZeRO-3 partitions (that is
-    what keeps the adapter's tensors at their real shapes rather than the empty ``Size([0])`` of an
-    ungathered save, DeepSpeed #4295 / PEFT #453), and rank 0 writes. The export goes to a sibling
-    directory that is renamed into place, so ``final/`` is always a whole export.
-    """
-    import torch.distributed as dist
-
-    from llara_dist.model.llara import save_export
-
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    save_export(model, tokenizer, tmp, extra)
-    if rank == 0:
-        old = out_dir.with_name(out_dir.name + ".old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()

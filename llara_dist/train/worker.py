@@ -360,13 +360,14 @@ class _Reporter:
 
 def _export(w: _Worker, model, tokenizer, start_step: int) -> None:
     """8. Export gathered from the ZeRO partitions (collective), written by rank 0."""
-    from llara_dist.train.checkpoint import export_final
+    from llara_dist.model.llara import write_export
 
     cfg, run_dir = w.cfg, w.run_dir
-    export_final(model, tokenizer, run_dir / "final", rank=w.rank,
-                 extra={"step": max(start_step, w.plan.total_steps), "run_dir": str(run_dir),
-                        "shards": str(Path(cfg.data.shards).resolve()), "rec_dir": str(Path(cfg.train.rec_dir).resolve()),
-                        "shards_fingerprint": w.plan.shards_fingerprint, "curriculum": w.plan.curriculum})
+    write_export(model, tokenizer, run_dir / "final",
+                 extra_config={"step": max(start_step, w.plan.total_steps), "run_dir": str(run_dir),
+                               "shards": str(Path(cfg.data.shards).resolve()),
+                               "rec_dir": str(Path(cfg.train.rec_dir).resolve()),
+                               "shards_fingerprint": w.plan.shards_fingerprint, "curriculum": w.plan.curriculum})
 
 
 class _Validation:
@@ -394,16 +395,17 @@ class _Validation:
 
     def run(self, model, done: int, best_dir: Path) -> dict:
         from llara_dist.eval.validation import validate_in_training
-        from llara_dist.train.checkpoint import export_final
+        from llara_dist.model.llara import write_export
 
         res = validate_in_training(model, self.tokenizer, self.subset, self.titles, self.item_table, self.settings,
                                    rank=self.rank, world_size=self.world)
         if self.best is None or res["hit_ratio@1"] > self.best["hit_ratio@1"]:
             self.best = {"step": done, "hit_ratio@1": res["hit_ratio@1"], "valid_ratio": res["valid_ratio"],
                          "n": res["n"]}
-            export_final(model, self.tokenizer, best_dir, rank=self.rank,
-                         extra={"step": done, "valid": self.best, "shards": str(Path(self.cfg.data.shards).resolve()),
-                                "rec_dir": str(Path(self.cfg.train.rec_dir).resolve())})
+            write_export(model, self.tokenizer, best_dir,
+                         extra_config={"step": done, "valid": self.best,
+                                       "shards": str(Path(self.cfg.data.shards).resolve()),
+                                       "rec_dir": str(Path(self.cfg.train.rec_dir).resolve())})
         return {"valid/hit_ratio@1": res["hit_ratio@1"], "valid/valid_ratio": res["valid_ratio"],
                 "valid/best_step": self.best["step"]}
 

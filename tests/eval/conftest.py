@@ -19,7 +19,7 @@ def make_export(shards: Path, rec: Path, run: Path):
     """
     from llara_dist.config import save_config
     from llara_dist.data.shards import load_meta, load_titles
-    from llara_dist.model.llara import build_model, load_tokenizer, save_export
+    from llara_dist.model.llara import build_model, load_tokenizer, write_export
     from llara_dist.recommender.table import load_item_table
 
     cfg = tiny_config(f"data.shards={shards}", f"train.rec_dir={rec}", f"run_dir={run}", "eval.max_new_tokens=24")
@@ -34,7 +34,7 @@ def make_export(shards: Path, rec: Path, run: Path):
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
         head = model.lm.get_base_model().get_output_embeddings().weight
         head.copy_(0.5 * torch.randn(head.shape, generator=gen))
-    save_export(model, tok, run / "final")
+    write_export(model, tok, run / "final")
     save_config(cfg, run / "config.yaml")
     return cfg
 

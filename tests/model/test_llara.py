@@ -256,7 +256,7 @@ def test_export_round_trip(model, tokenizer, item_table, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from llara_dist.model.llara import load_export, save_export
+    from llara_dist.model.llara import load_export, write_export
 
     m = copy.deepcopy(model).train()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -266,7 +266,7 @@ def test_export_round_trip(model, tokenizer, item_table, tmp_path):
         loss.backward()
         opt.step()
     m.eval()
-    out = save_export(m, tokenizer, tmp_path / "final", {"domain": "movie"})
+    out = write_export(m, tokenizer, tmp_path / "final", extra_config={"domain": "movie"})
 
     cfg = json.loads((out / "llara_config.json").read_text())
     assert cfg["domain"] == "movie" and cfg["rec_dim"] == REC_DIM
@@ -302,8 +302,23 @@ def test_export_round_trip(model, tokenizer, item_table, tmp_path):
         assert loaded.generate(*args, max_new_tokens=4, stop_token_ids=[]) == m.generate(*args, max_new_tokens=4,
                                                                                           stop_token_ids=[])
 
-    # An incomplete export is one clear error naming the missing file.
+    # The same exporter from a plain state dict (what a DeepSpeed checkpoint yields), written over
+    # the existing export: replaced whole, nothing left beside it; an ungathered ZeRO-3 partition
+    # (Size([0])) is refused, naming the tensor.
     from llara_dist.errors import CheckpointError
+    from llara_dist.model.llara import trainable_parameters
+
+    state = {f"module.{n}": p.detach().clone() for n, p in trainable_parameters(m)}
+    write_export(m, tokenizer, out, state=state, extra_config={"domain": "movie"})
+    assert sorted(p.name for p in out.parent.iterdir()) == ["final"]
+    again, _, _ = load_export(out)
+    with torch.no_grad():
+        assert torch.equal(again.lm_logits(embeds, batch["attention_mask"]), expected)
+    lora_a = next(n for n in state if "lora_A" in n)
+    with pytest.raises(CheckpointError, match=r"lora_A.*shape \(0,\).*ZeRO-3"):
+        write_export(m, tokenizer, tmp_path / "bad", state={**state, lora_a: torch.empty(0)})
+
+    # An incomplete export is one clear error naming the missing file.
 
     (out / "projector.safetensors").unlink()
     with pytest.raises(CheckpointError, match="projector.safetensors"):
@@ -332,7 +347,7 @@ def test_local_checkpoint_export_round_trip(item_table, tmp_path):
     """The Llama-2 path: a local checkpoint, 4 tokens added, exported without its base weights."""
     import shutil
 
-    from llara_dist.model.llara import build_model, load_export, load_tokenizer, save_export
+    from llara_dist.model.llara import build_model, load_export, load_tokenizer, write_export
 
     ckpt = tmp_path / "llama-local"
     _local_checkpoint(ckpt, tiny_cfg().model)
@@ -345,7 +360,7 @@ def test_local_checkpoint_export_round_trip(item_table, tmp_path):
     loss.backward()
     opt.step()
     m.eval()
-    out = save_export(m, tok, tmp_path / "final")
+    out = write_export(m, tok, tmp_path / "final")
     assert not (out / "base").exists()  # a real checkpoint is referenced, not copied
 
     moved = tmp_path / "mounted-elsewhere"

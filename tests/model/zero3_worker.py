@@ -40,7 +40,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     from llara_dist.config import load_config
     from llara_dist.data.collate import GenerationCollator, TrainCollator
     from llara_dist.data.prompts import build_prompt
-    from llara_dist.model.llara import build_model, load_export, load_tokenizer, save_export
+    from llara_dist.model.llara import build_model, load_export, load_tokenizer, write_export
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
@@ -94,7 +94,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     with torch.no_grad():
         embeds = model.embed(gen["input_ids"], gen["slots"], gen["batch_items"], table)
         logits = model.lm_logits(embeds, gen["attention_mask"])
-    save_export(model, tokenizer, Path(out_dir) / "final", {"trained_steps": 2})
+    write_export(model, tokenizer, Path(out_dir) / "final", extra_config={"trained_steps": 2})
     torch.distributed.barrier()
     if rank == 0:
         loaded, _, llara = load_export(Path(out_dir) / "final")
