@@ -72,9 +72,7 @@ def make_batch(tokenizer, samples, *, mode: str = "hybrid", generation: bool = F
 
     prompts = [build_prompt(s, TITLES, mode=mode, domain="movie", seed=0) for s in samples]
     collator = (GenerationCollator if generation else TrainCollator)(tokenizer, 512)
-    batch = collator(prompts)
-    batch.pop("placeholder_items")
-    return batch
+    return collator(prompts)
 
 
 def _gen_args(batch, item_table):
