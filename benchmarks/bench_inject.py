@@ -7,20 +7,22 @@ Forward + backward, side by side in one run:
 - torch.where gather: what the op computes, in one line of stock PyTorch
   (`torch.where(slots >= 0, rows[slots.clamp(min=0)], inputs_embeds)`), which the op's custom
   kernels must beat to be worth keeping;
-- op, frozen inputs: the same when `inputs_embeds` needs no grad (frozen token embeddings, the
-  usual LoRA case): the backward only reads the placeholder positions;
+- op, frozen inputs / torch.where, frozen inputs: the same two when `inputs_embeds` needs no grad
+  (frozen token embeddings, the usual LoRA case): the op's backward then only reads the
+  placeholder positions;
 - copy floor: a plain out-of-place copy of `inputs_embeds` forward and of its grad backward, the
   least memory traffic any out-of-place injection must pay.
 
-Outputs and gradients of the loop and the op are asserted identical before anything is timed.
-
-A second table times the fused entry `embed_and_inject` (token lookup + injection in one pass,
-frozen table) against the lookup followed by the op, and against the lookup alone.
+Outputs and gradients of the loop and the op are asserted identical before anything is timed
+(torch.where's equal up to the summation order of a repeated row's grads). One table: median wall
+and CPU milliseconds per forward + backward, and each method against the loop, against torch.where
+(the frozen-inputs rows against torch.where with frozen inputs) and against the copy floor.
 
     python benchmarks/bench_inject.py                 # big (B=16, L=512, D=4096, 30/sample) + small
     python benchmarks/bench_inject.py --cases small --dtype bfloat16
     python benchmarks/bench_inject.py --device cuda --dtype bfloat16 --cases big --json rows.json
     python benchmarks/bench_inject.py --smoke        # tiny, CPU: checks the script runs
+    python benchmarks/bench_inject.py --threads 1 --json rows.json   # also the rows as JSON
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from _timing import write_rows
 from torch import Tensor
 
-from llara_dist.ops import embed_and_inject, inject_embeddings
+from llara_dist.ops import inject_embeddings
 
 
 @dataclass(frozen=True)
@@ -122,24 +124,26 @@ def forward_backward(fn: Callable, x: Tensor, items: Tensor, mask: Tensor, grad:
 
 
 def time_methods(runs: dict[str, Callable[[], object]], repeats: dict[str, int],
-                 device: str) -> dict[str, float]:
-    """Median wall time in ms of each run, the methods interleaved round-robin so that load from
-    other processes hits them alike (`check_identical` has already warmed every method)."""
+                 device: str) -> dict[str, tuple[float, float]]:
+    """Median (wall ms, CPU ms) of each run, the methods interleaved round-robin so that load from
+    other processes hits them alike (`check_identical` has already warmed every method). CPU time
+    is this process's, all threads together: on a shared machine it is the steadier figure."""
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    times: dict[str, list[float]] = {label: [] for label in runs}
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
     for i in range(max(repeats.values())):
         for label, run in runs.items():
             if i >= repeats[label]:
                 continue
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
             sync()
-            times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: statistics.median(ts) for label, ts in times.items()}
+            times[label].append(((time.perf_counter() - start) * 1e3, (time.process_time() - cpu_start) * 1e3))
+    return {label: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for label, ts in times.items()}
 
 
 def check_identical(case: Case, x, items, mask, grad) -> None:
@@ -159,42 +163,9 @@ def check_identical(case: Case, x, items, mask, grad) -> None:
     _, _, gi_frozen = forward_backward(with_op, x, items, mask, grad, inputs_grad=False)
     if not torch.equal(gi_frozen, gi_loop):
         raise AssertionError(f"{case.name}: frozen-inputs op differs in grad items")
+    _, _, gi_w_frozen = forward_backward(with_where, x, items, mask, grad, inputs_grad=False)
+    torch.testing.assert_close(gi_w_frozen, gi_op, **tol, msg=f"{case.name}: frozen-inputs torch.where differs")
     forward_backward(copy_floor, x, items, mask, grad)  # warm-up of the last method
-
-
-def bench_fused(case: Case, dtype: torch.dtype, device: str, repeats: int, vocab: int) -> None:
-    """Fused lookup + injection vs lookup then op, frozen table, grads only for the rows."""
-    x, items, mask, grad = make_inputs(case, dtype, device)
-    del x
-    gen = torch.Generator().manual_seed(1)
-    embedding = torch.nn.Embedding(vocab, case.dim).to(device=device, dtype=dtype)
-    embedding.requires_grad_(False)
-    ids = torch.randint(0, vocab, (case.batch, case.length), generator=gen).to(device)
-    batch, per_sample, dim = items.shape
-    rank_in_sample = mask.long().cumsum(dim=1) - 1
-    slots = torch.where(mask, torch.arange(batch, device=device).unsqueeze(1) * per_sample
-                        + rank_in_sample, -1)
-    flat_items = items.reshape(batch * per_sample, dim)
-
-    def run(fused: bool):
-        rows = flat_items.detach().requires_grad_(True)
-        out = (embed_and_inject(embedding, ids, slots, rows) if fused
-               else inject_embeddings(embedding(ids), slots, rows))
-        out.backward(grad)
-        return out, rows.grad
-
-    (out_f, grad_f), (out_u, grad_u) = run(True), run(False)
-    if not (torch.equal(out_f, out_u) and torch.equal(grad_f, grad_u)):
-        raise AssertionError(f"{case.name}: fused and unfused differ")
-    results = time_methods(
-        {"lookup, then op": lambda: run(False), "fused lookup+op": lambda: run(True),
-         "lookup only (fwd)": lambda: embedding(ids)},
-        {"lookup, then op": repeats, "fused lookup+op": repeats, "lookup only (fwd)": repeats},
-        device)
-    shape = f"{case.batch},{case.length},{case.dim},{case.per_sample}"
-    for label, ms in results.items():
-        print(f"{case.name:<6} {shape:<20} {label:<20} {ms:>11.2f} "
-              f"{results['lookup, then op'] / ms:>10.2f}x")
 
 
 def main() -> None:
@@ -205,12 +176,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of the fast methods")
     parser.add_argument("--loop-repeats", type=int, default=1, help="timed runs of the loop")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--vocab", type=int, default=32000, help="token table rows (fused table)")
     parser.add_argument("--smoke", action="store_true", help="the smoke case on CPU, few repeats: checks the script runs")
-    parser.add_argument("--json", help="also write the first table's rows as JSON here (gpu_check.sh)")
+    parser.add_argument("--json", help="also write the table's rows as JSON here (gpu_check.sh)")
     args = parser.parse_args()
     if args.smoke:
-        args.cases, args.device, args.repeats, args.vocab = "smoke", "cpu", 2, 256
+        args.cases, args.device, args.repeats = "smoke", "cpu", 2
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -223,48 +193,46 @@ def main() -> None:
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
 
     json_rows: list[dict] = []
-    header = f"{'case':<6} {'shape (B,L,D,P)':<20} {'method':<20} {'fwd+bwd ms':>11} " \
-             f"{'vs loop':>9} {'vs copy':>8}"
+    header = (f"{'case':<6} {'shape (B,L,D,P)':<18} {'method':<28} {'wall ms':>10} {'CPU ms':>10} "
+              f"{'vs loop':>9} {'vs where':>9} {'vs copy':>8}")
     print(header)
     print("-" * len(header))
     for name in args.cases.split(","):
         case = CASES[name.strip()]
         x, items, mask, grad = make_inputs(case, dtype, args.device)
         check_identical(case, x, items, mask, grad)
+        # (label, function, inputs_embeds needs grad, timed runs, the torch.where row it is compared with)
         methods = [
-            ("loop (original)", original_loop, True, args.loop_repeats),
-            ("op", with_op, True, args.repeats),
-            ("torch.where gather", with_where, True, args.repeats),
-            ("op, frozen inputs", with_op, False, args.repeats),
-            ("copy floor", copy_floor, True, args.repeats),
+            ("loop (original)", original_loop, True, args.loop_repeats, "torch.where gather"),
+            ("op", with_op, True, args.repeats, "torch.where gather"),
+            ("torch.where gather", with_where, True, args.repeats, "torch.where gather"),
+            ("op, frozen inputs", with_op, False, args.repeats, "torch.where, frozen inputs"),
+            ("torch.where, frozen inputs", with_where, False, args.repeats, "torch.where, frozen inputs"),
+            ("copy floor", copy_floor, True, args.repeats, "torch.where gather"),
         ]
         runs = {label: (lambda fn=fn, ig=inputs_grad: forward_backward(fn, x, items, mask, grad, ig))
-                for label, fn, inputs_grad, _ in methods}
-        results = time_methods(runs, {label: r for label, _, _, r in methods}, args.device)
+                for label, fn, inputs_grad, _, _ in methods}
+        results = time_methods(runs, {label: repeats for label, _, _, repeats, _ in methods}, args.device)
         shape = f"{case.batch},{case.length},{case.dim},{case.per_sample}"
-        for label, ms in results.items():
-            print(f"{case.name:<6} {shape:<20} {label:<20} {ms:>11.2f} "
-                  f"{results['loop (original)'] / ms:>8.1f}x {ms / results['copy floor']:>7.2f}x")
-            setting = f"B{case.batch} L{case.length} D{case.dim}, {case.per_sample} items/sample, {args.dtype}, {args.device}"
+        setting = f"B{case.batch} L{case.length} D{case.dim}, {case.per_sample} items/sample, {args.dtype}, {args.device}"
+        loop_ms, copy_ms = results["loop (original)"][0], results["copy floor"][0]
+        for label, _, _, _, where_label in methods:
+            ms, cpu_ms = results[label]
+            vs_where = ms / results[where_label][0]
+            print(f"{case.name:<6} {shape:<18} {label:<28} {ms:>10.2f} {cpu_ms:>10.2f} "
+                  f"{loop_ms / ms:>8.1f}x {vs_where:>8.2f}x {ms / copy_ms:>7.2f}x")
             json_rows.append({"check": "injection fwd+bwd", "setting": f"{label}: {setting}",
-                              "result": f"{ms:.2f} ms; {results['loop (original)'] / ms:.1f}x faster than the loop, "
-                                        f"{ms / results['copy floor']:.2f}x of a copy, "
-                                        f"{ms / results['torch.where gather']:.2f}x of torch.where",
-                              "ms": ms, "method": label, "case": case.name})
+                              "result": f"{ms:.2f} ms (CPU {cpu_ms:.2f}); {loop_ms / ms:.1f}x faster than the loop, "
+                                        f"{vs_where:.2f}x the time of {where_label}, {ms / copy_ms:.2f}x of a copy",
+                              "ms": ms, "cpu_ms": cpu_ms, "method": label, "case": case.name,
+                              "vs_loop": loop_ms / ms, "vs_where": vs_where, "vs_copy": ms / copy_ms})
         del x, items, mask, grad
+    print("vs loop: how many times faster than the loop; vs where / vs copy: time as a multiple of torch.where's "
+          "(frozen rows: of torch.where with frozen inputs) / of the copy floor's")
     print("outputs and gradients of op and loop: identical (asserted); torch.where: equal up to rounding of "
           "repeated rows' summed grads")
     if args.json:
-        write_rows(args.json, [r for r in json_rows if r["method"] != "op, frozen inputs"])
-
-    print()
-    header = f"{'case':<6} {'shape (B,L,D,P)':<20} {'method (frozen table)':<20} " \
-             f"{'fwd+bwd ms':>11} {'vs unfused':>11}"
-    print(header)
-    print("-" * len(header))
-    for name in args.cases.split(","):
-        bench_fused(CASES[name.strip()], dtype, args.device, args.repeats, args.vocab)
-    print("outputs and rows' gradients of fused and unfused: identical (asserted)")
+        write_rows(args.json, json_rows)
 
 
 if __name__ == "__main__":

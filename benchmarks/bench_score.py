@@ -1,5 +1,5 @@
 """Score decoding: the prompt run once with its KV cache shared by all candidates
-(`eval.decoding.score_sequences`) against one full prompt + candidate row per candidate.
+(`eval.decoding.continuation_logprobs`) against one full prompt + candidate row per candidate.
 
 Same model (random Llama of the given shape + LoRA + projector), same hybrid prompt, 20 candidates
 of a few tokens each, as in `llara-dist eval --decoding score`. The two ways' scores are asserted
@@ -21,19 +21,28 @@ from _models import bench_titles, random_model_overrides
 from _timing import timed, write_rows
 
 
-def _full_rows(model, prompt_ids, sequences, table):
-    """The reference: `LlaraModel.continuation_logprobs` over [C, L + T] rows, the prompt repeated
-    for every candidate, one forward."""
-    n, device = len(sequences), prompt_ids.device
-    ids = prompt_ids.unsqueeze(0).expand(n, -1)
-    return model.continuation_logprobs(ids, torch.ones_like(ids), torch.full_like(ids, -1),
-                                       torch.empty(0, dtype=torch.long, device=device), table,
-                                       sequences).double().cpu().numpy()
+def _full_rows(lm, prompt_embeds, sequences, pad_id):
+    """The reference: [C, L + T] rows, the prompt repeated for every candidate, one forward (logits
+    only for the last T + 1 positions, as a careful implementation would)."""
+    n, (plen, _), device = len(sequences), prompt_embeds.shape, prompt_embeds.device
+    width = max(len(s) for s in sequences)
+    cont = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, plen + width, dtype=torch.long)
+    mask[:, :plen] = 1
+    for i, s in enumerate(sequences):
+        cont[i, : len(s)] = torch.tensor(s)
+        mask[i, plen: plen + len(s)] = 1
+    cont, mask = cont.to(device), mask.to(device)
+    embeds = torch.cat([prompt_embeds.expand(n, -1, -1), lm.get_input_embeddings()(cont).to(prompt_embeds.dtype)], 1)
+    logits = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=False, logits_to_keep=width + 1).logits[:, :-1].float()
+    logp = logits.log_softmax(-1).gather(-1, cont.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask[:, plen:]).sum(-1).double().cpu().numpy()
 
 
 def main() -> None:
     from llara_dist.config import load_config
-    from llara_dist.eval.decoding import score_sequences
+    from llara_dist.eval.decoding import continuation_logprobs
     from llara_dist.model.llara import build_model, load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,15 +78,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompt_ids = [torch.randint(10, len(tok) - 8, (args.length,), generator=g).to(args.device) for _ in range(args.prompts)]
     prompts = [lm.get_input_embeddings()(ids) for ids in prompt_ids]
-    table = torch.zeros(1, 64)  # text prompts: nothing is injected
     cands = [[torch.randint(10, len(tok) - 8, (1 + (c % args.title_tokens),), generator=g).tolist() + [tok.eos_token_id]
               for c in range(args.candidates)] for _ in prompts]
     pad = tok.pad_token_id
 
     with torch.no_grad():
-        cached, t_cached = timed(lambda: [score_sequences(lm, p, c, pad_id=pad) for p, c in zip(prompts, cands)],
+        cached, t_cached = timed(lambda: [continuation_logprobs(lm, p, c, pad_id=pad) for p, c in zip(prompts, cands)],
                                   args.device, args.repeats)
-        full, t_full = timed(lambda: [_full_rows(model, ids, c, table) for ids, c in zip(prompt_ids, cands)],
+        full, t_full = timed(lambda: [_full_rows(lm, p, c, pad) for p, c in zip(prompts, cands)],
                               args.device, args.repeats)
     worst = max(float(np.abs(a - b).max()) for a, b in zip(cached, full))
     # Half precision rounds the shared-cache and full-row paths differently; float32 agrees to 1e-3.

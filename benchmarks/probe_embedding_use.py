@@ -38,7 +38,7 @@ import torch
 from llara_dist.config import load_config
 from llara_dist.data.collate import GenerationCollator, TrainCollator
 from llara_dist.data.prompts import build_prompt
-from llara_dist.eval.decoding import score_sequences
+from llara_dist.eval.decoding import continuation_logprobs
 from llara_dist.eval.evaluate import answer_token_ids, causal_lm
 from llara_dist.eval.metrics import wilson_interval
 from llara_dist.model.llara import build_model, load_tokenizer
@@ -120,7 +120,7 @@ def score_hits(model, tokenizer, samples, titles, table, device) -> list[bool]:
         b = {k: v.to(device) for k, v in b.items()}
         embeds = model.embed(b["input_ids"], b["slots"], b["batch_items"], table)[0]
         seqs = [answers.setdefault(c, answer_token_ids(tokenizer, titles[c])) for c in s["candidates"]]
-        scores = score_sequences(lm, embeds, seqs, pad_id=pad_id)
+        scores = continuation_logprobs(lm, embeds, seqs, pad_id=pad_id)
         hits.append(s["candidates"][int(np.argmax(scores))] == s["target"])
     model.train()
     return hits

@@ -21,11 +21,12 @@ def test_gpu_check_smoke_prints_one_table_with_every_check(tmp_path):
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| check")]
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     checks = [row.split("|")[1].strip() for row in table]
-    assert checks == ["CUDA op tests + Triton kernels", "injection fwd+bwd", "injection fwd+bwd", "injection fwd+bwd",
-                      "injection fwd+bwd", "training step (LoRA)", "training step (LoRA)", "score decoding",
-                      "batched generation"], proc.stdout
-    assert "zero2.json" in table[5] and "zero3.json" in table[6]
-    assert "tokens/s" in table[5] and "MFU" in table[5]
+    # injection: loop, op, torch.where, op and torch.where with frozen inputs, copy floor
+    assert checks == ["CUDA op tests + Triton kernels", *["injection fwd+bwd"] * 6, "training step (LoRA)",
+                      "training step (LoRA)", "score decoding", "batched generation"], proc.stdout
+    assert "torch.where" in table[3] and "the time of torch.where" in table[2]
+    assert "zero2.json" in table[7] and "zero3.json" in table[8]
+    assert "tokens/s" in table[7] and "MFU" in table[7]
     assert not any("FAILED" in row or "TIMED OUT" in row for row in table)
     # The Triton kernels ran under the interpreter (the CUDA-only tests skip on a CPU machine).
     assert " 0 failed" in table[0] and not table[0].split("|")[3].strip().startswith("0 passed")

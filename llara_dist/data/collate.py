@@ -1,8 +1,8 @@
 """Prompts -> tensors, with the placeholder slot map computed here on the CPU.
 
-For every placeholder token the collator records which item it stands for (``placeholder_items``),
-the batch's distinct items (``batch_items``, sorted) and each placeholder's index into them
-(``slots``), so the model gathers ``len(batch_items)`` table rows once and injects them with one
+For every placeholder token the collator finds which item it stands for, and returns the batch's
+distinct items (``batch_items``, sorted) and each placeholder's index into them (``slots``, -1
+elsewhere; ``batch_items[slots]`` is the item at a placeholder), so the model gathers ``len(batch_items)`` table rows once and injects them with one
 indexed op, without searching the token ids on the GPU.
 """
 
@@ -109,7 +109,7 @@ class TrainCollator(_Collator):
             items[i, :n] = torch.tensor(its)
         batch_items, slots = self._slot_map(items)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                "placeholder_items": items, "batch_items": batch_items, "slots": slots}
+                "batch_items": batch_items, "slots": slots}
 
 
 class GenerationCollator(_Collator):
@@ -132,5 +132,4 @@ class GenerationCollator(_Collator):
             attention[i, width - n:] = 1
             items[i, width - n:] = torch.tensor(its)
         batch_items, slots = self._slot_map(items)
-        return {"input_ids": input_ids, "attention_mask": attention, "placeholder_items": items,
-                "batch_items": batch_items, "slots": slots}
+        return {"input_ids": input_ids, "attention_mask": attention, "batch_items": batch_items, "slots": slots}

@@ -1,20 +1,19 @@
-"""Decoding for evaluation: free greedy, trie-constrained greedy, and candidate scoring.
+"""Evaluation's decoding pieces: the candidate-title trie and candidate scoring.
 
-All three start from ``inputs_embeds`` (the prompt with item embeddings already injected by
-``LlaraModel.embed``) and drive a Hugging Face causal LM (PEFT-wrapped or not) directly. Greedy
-decoding is the model package's one loop (``llara_dist.model.generation``: explicit positions, KV
-cache, a stop rule synchronised across ranks); evaluation adds the candidate-title trie that
-constrains it, and scoring.
+Free and constrained decoding are greedy (``LlaraModel.generate``, whose loop is
+``llara_dist.model.generation.greedy_generate``); the constrained one passes a
+:class:`CandidateTrie` per row as its constraint. Score decoding ranks the candidates by
+:func:`continuation_logprobs`, which drives the Hugging Face causal LM (PEFT-wrapped or not)
+directly from the prompt's ``inputs_embeds`` (item embeddings already injected by
+``LlaraModel.embed``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-
-from llara_dist.model.generation import greedy_generate, pad_right
 
 _END = -1  # key of the trie node reached after a complete sequence
 
@@ -56,30 +55,20 @@ class CandidateTrie:
         return node is not None and _END in node
 
 
-def greedy_decode(
-    lm: torch.nn.Module,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    pad_id: int,
-    tries: Sequence[CandidateTrie] | None = None,
-    all_done: Callable[[bool], bool] | None = None,
-) -> list[list[int]]:
-    """Free (``tries=None``) or trie-constrained greedy decoding from left-padded ``inputs_embeds``.
-
-    ``tries`` (one per row) restrict each step to tokens continuing one of the row's candidate
-    sequences; a constrained row stops when it completes one (its EOS). Rows also stop at any of
-    ``stop_ids`` (not returned) or after ``max_new_tokens``. The loop, including the rank-synchronised
-    ``all_done`` stop rule, is the model's :func:`~llara_dist.model.generation.greedy_generate`.
-    """
-    return greedy_generate(lm, inputs_embeds, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                           pad_id=pad_id, constraints=tries, all_done=all_done)
+def _pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids [N, T]`` (long) and ``mask [N, T]`` (bool, True on real tokens)."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, : len(seq)] = True
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
-def score_sequences(
+def continuation_logprobs(
     lm: torch.nn.Module,
     prompt_embeds: torch.Tensor,
     sequences: Sequence[Sequence[int]],
@@ -87,7 +76,8 @@ def score_sequences(
     pad_id: int,
     length_norm: bool = False,
 ) -> np.ndarray:
-    """Log-likelihood of each token sequence as the continuation of one prompt.
+    """Log-likelihood of each token sequence (e.g. a candidate title's tokens + EOS) as the
+    continuation of one prompt: the one scorer of llara-dist.
 
     ``prompt_embeds [L, D]`` is a single unpadded prompt. It is run once, and its KV cache is
     shared by all candidates: the second forward covers only the ``[C, T]`` candidate tokens
@@ -97,7 +87,9 @@ def score_sequences(
     """
     device = prompt_embeds.device
     n, plen = len(sequences), prompt_embeds.shape[0]
-    ids, tok_mask = pad_right(sequences, pad_id, device)
+    if not sequences or any(len(seq) == 0 for seq in sequences):
+        raise ValueError("continuation_logprobs: needs at least one sequence, and no empty one")
+    ids, tok_mask = _pad_right(sequences, pad_id, device)
     tmax = ids.shape[1]
     # 1. The prompt, once: its last logit predicts every candidate's first token.
     out = lm(inputs_embeds=prompt_embeds.unsqueeze(0), attention_mask=torch.ones(1, plen, dtype=torch.long, device=device),

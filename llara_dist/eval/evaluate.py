@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torch
 from llara_dist.config import Config
 from llara_dist.data.tokenizer import encode_answers
 from llara_dist.errors import CheckpointError, ConfigError
-from llara_dist.eval.decoding import CandidateTrie, greedy_decode, score_sequences
+from llara_dist.eval.decoding import CandidateTrie, continuation_logprobs
 from llara_dist.eval.metrics import generation_metrics, match_answer, ranking_metrics
 
 PREDICTION_COLUMNS = ["key", "user", "target", "target_title", "candidates", "generated", "matched", "valid",
@@ -99,68 +99,103 @@ def evaluate_samples(
     item_table: torch.Tensor,
     settings: EvalSettings,
     *,
-    all_done: Callable[[bool], bool] | None = None,
+    sync_ranks: bool | None = None,
     progress: str | None = None,
 ) -> list[dict]:
     """Decode ``samples`` in batches of ``settings.batch_size``; one row per sample (stored order).
 
     Rows carry ``key, user, target, target_title, candidates, generated, matched, valid, correct``
-    and, for score decoding, ``scores`` (one per candidate). ``all_done`` is passed to the decoder
-    so ZeRO-3 ranks keep stepping together (see ``validation``).
+    and, for score decoding, ``scores`` (one per candidate). ``sync_ranks`` is passed to
+    ``LlaraModel.generate`` so ZeRO-3 ranks keep stepping together (see ``validation``).
+
+    The steps: pick the decoding (:class:`_Decoder`), then for each batch build the prompts,
+    collate them, and let the decoding turn the batch into rows.
     """
     from llara_dist.data.collate import GenerationCollator
     from llara_dist.data.prompts import build_prompt
 
+    decoder = _Decoder(model, tokenizer, titles, item_table.to(_device(model)), settings, sync_ranks)
+    decode = {"free": decoder.free, "constrained": decoder.constrained, "score": decoder.score}[settings.decoding]
     collator = GenerationCollator(tokenizer, settings.max_length)
-    lm = causal_lm(model)
-    device = _device(model)
-    item_table = item_table.to(device)
-    stops = stop_token_ids(tokenizer)
-    pad_id = int(tokenizer.pad_token_id)
-    eos_id = int(tokenizer.eos_token_id)
-    answers: dict[int, list[int]] = {}  # item id -> answer tokens (+EOS), tokenised once
-
-    def answer(item: int) -> list[int]:
-        if item not in answers:
-            answers[item] = answer_token_ids(tokenizer, titles[item])
-        return answers[item]
-
     rows: list[dict] = []
-    batches = range(0, len(samples), settings.batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc=progress, unit="batch", mininterval=5)
     was_training = model.training
     model.eval()
     try:
-        for start in batches:
-            chunk = samples[start:start + settings.batch_size]
+        for chunk in _batches(samples, settings.batch_size, progress):
             prompts = [build_prompt(s, titles, mode=settings.prompt, domain=settings.domain, seed=settings.seed)
                        for s in chunk]
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(prompts).items()}
-            with torch.no_grad():
-                embeds = model.embed(batch["input_ids"], batch["slots"], batch["batch_items"], item_table)
-            mask = batch["attention_mask"]
-            if settings.decoding == "score":
-                for b, s in enumerate(chunk):
-                    seqs = [answer(c) for c in s["candidates"]]
-                    scores = score_sequences(lm, embeds[b][mask[b].bool()], seqs, pad_id=pad_id,
-                                             length_norm=settings.length_norm)
-                    best = s["candidates"][int(np.argmax(scores))]
-                    rows.append(_row(s, titles, titles[best], scores=scores))
-                continue
-            tries = None
-            if settings.decoding == "constrained":
-                tries = [CandidateTrie([answer(c) for c in s["candidates"]]) for s in chunk]
-            out = greedy_decode(lm, embeds, mask, max_new_tokens=settings.max_new_tokens,
-                                stop_ids=[eos_id] if tries else stops, pad_id=pad_id, tries=tries,
-                                all_done=all_done)
-            for s, toks in zip(chunk, out):
-                rows.append(_row(s, titles, first_line(tokenizer.decode(toks, skip_special_tokens=True))))
+            batch = {k: v.to(decoder.device) if torch.is_tensor(v) else v for k, v in collator(prompts).items()}
+            rows += decode(chunk, batch)
     finally:
         model.train(was_training)
     return rows
+
+
+def _batches(samples: Sequence[dict], size: int, progress: str | None) -> Iterable[Sequence[dict]]:
+    """``samples`` in consecutive chunks of ``size`` (with a progress bar when ``progress`` names one)."""
+    starts: Iterable[int] = range(0, len(samples), size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", mininterval=5)
+    return (samples[start:start + size] for start in starts)
+
+
+class _Decoder:
+    """One decoding mode applied to a collated batch: ``free``, ``constrained`` or ``score``.
+
+    Each mode maps (samples, batch) to one result row per sample; what they share (the model, the
+    tokenizer's ids, each item's answer tokens, tokenised once) lives here.
+    """
+
+    def __init__(self, model, tokenizer, titles: Sequence[str], item_table: torch.Tensor,
+                 settings: EvalSettings, sync_ranks: bool | None):
+        self.model, self.tokenizer, self.titles, self.item_table = model, tokenizer, titles, item_table
+        self.settings, self.sync_ranks = settings, sync_ranks
+        self.device = item_table.device
+        self.pad_id = int(tokenizer.pad_token_id)
+        self._answers: dict[int, list[int]] = {}
+
+    def answer(self, item: int) -> list[int]:
+        """``item``'s title as the tokens training puts after the prompt (+EOS), tokenised once."""
+        if item not in self._answers:
+            self._answers[item] = answer_token_ids(self.tokenizer, self.titles[item])
+        return self._answers[item]
+
+    def _inputs(self, batch: dict) -> tuple:
+        return batch["input_ids"], batch["attention_mask"], batch["slots"], batch["batch_items"], self.item_table
+
+    def free(self, chunk: Sequence[dict], batch: dict) -> list[dict]:
+        """Greedy until EOS or a newline token; the first line is matched against the candidates."""
+        out = self.model.generate(*self._inputs(batch), max_new_tokens=self.settings.max_new_tokens,
+                                  stop_token_ids=stop_token_ids(self.tokenizer), sync_ranks=self.sync_ranks)
+        return self._generated_rows(chunk, out)
+
+    def constrained(self, chunk: Sequence[dict], batch: dict) -> list[dict]:
+        """Greedy restricted by a trie over the sample's candidate titles: every answer is one of them."""
+        tries = [CandidateTrie([self.answer(c) for c in s["candidates"]]) for s in chunk]
+        out = self.model.generate(*self._inputs(batch), max_new_tokens=self.settings.max_new_tokens,
+                                  stop_token_ids=[int(self.tokenizer.eos_token_id)], constraints=tries,
+                                  sync_ranks=self.sync_ranks)
+        return self._generated_rows(chunk, out)
+
+    def score(self, chunk: Sequence[dict], batch: dict) -> list[dict]:
+        """Every candidate scored by the log-likelihood of its answer tokens; the best one is the answer."""
+        with torch.no_grad():
+            embeds = self.model.embed(batch["input_ids"], batch["slots"], batch["batch_items"], self.item_table)
+        mask = batch["attention_mask"].bool()
+        rows = []
+        for b, s in enumerate(chunk):
+            scores = continuation_logprobs(causal_lm(self.model), embeds[b][mask[b]],
+                                           [self.answer(c) for c in s["candidates"]], pad_id=self.pad_id,
+                                           length_norm=self.settings.length_norm)
+            best = s["candidates"][int(np.argmax(scores))]
+            rows.append(_row(s, self.titles, self.titles[best], scores=scores))
+        return rows
+
+    def _generated_rows(self, chunk: Sequence[dict], out: list[list[int]]) -> list[dict]:
+        return [_row(s, self.titles, first_line(self.tokenizer.decode(toks, skip_special_tokens=True)))
+                for s, toks in zip(chunk, out)]
 
 
 def _row(sample: dict, titles: Sequence[str], generated: str, scores: np.ndarray | None = None) -> dict:

@@ -20,13 +20,12 @@ import yaml
 
 from llara_dist.errors import DataError
 
-# Series plotted from metrics.jsonl: panel title -> keys accepted (first present wins), so the
-# report keeps working if the training loop names a series slightly differently.
-SERIES: dict[str, tuple[str, ...]] = {
-    "loss": ("loss", "train/loss", "train_loss"),
-    "learning rate": ("lr", "train/lr", "learning_rate"),
-    "hybrid share": ("hybrid_share", "train/hybrid_share", "hybrid_ratio", "hybrid_prob"),
-    "validation HitRatio@1": ("valid/hit_ratio@1", "valid_hit_ratio@1", "val/hit_ratio@1", "valid_hr1"),
+# Series plotted from metrics.jsonl (the keys the training worker writes): panel title -> key.
+SERIES: dict[str, str] = {
+    "loss": "loss",
+    "learning rate": "lr",
+    "hybrid share": "hybrid_share",
+    "validation HitRatio@1": "valid/hit_ratio@1",
 }
 
 
@@ -48,18 +47,15 @@ def read_metrics_log(path: Path) -> list[dict]:
     return rows
 
 
-def series(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
-    """(steps, values) of the first key in ``keys`` that the log has, keeping the last value per step."""
-    for key in keys:
-        points = {}
-        for i, row in enumerate(rows):
-            value = row.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                points[row.get("step", i)] = float(value)
-        if points:
-            steps = sorted(points)
-            return steps, [points[s] for s in steps]
-    return [], []
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key`` in the log, keeping the last value per step."""
+    points = {}
+    for i, row in enumerate(rows):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            points[row.get("step", i)] = float(value)
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
 
 
 def read_evaluations(run_dir: Path) -> list[tuple[str, dict]]:
@@ -80,20 +76,16 @@ def _plot_training(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (title, keys) in zip(axes.flat, SERIES.items()):
-        steps, values = series(rows, keys)
+    for ax, (title, key) in zip(axes.flat, SERIES.items()):
+        steps, values = series(rows, key)
         ax.set_title(title)
         ax.set_xlabel("step")
         if steps:
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label="measured")
-            # A companion series in the same panel: the curriculum's schedule next to what was
-            # drawn; the validation ValidRatio next to its HitRatio@1.
-            companion = {"hybrid share": ("hybrid_prob", "scheduled probability"),
-                         "validation HitRatio@1": ("valid/valid_ratio", "ValidRatio")}.get(title)
-            if companion:
-                p_steps, p_values = series(rows, (companion[0],))
-                if p_steps:
-                    ax.plot(p_steps, p_values, "--", color="tab:orange", label=companion[1])
+            if title == "validation HitRatio@1":  # its ValidRatio in the same panel
+                v_steps, v_values = series(rows, "valid/valid_ratio")
+                if v_steps:
+                    ax.plot(v_steps, v_values, "--", color="tab:orange", label="ValidRatio")
                     ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         else:
@@ -166,8 +158,8 @@ def summary_markdown(run_dir: Path, cfg: dict, rows: list[dict], evaluations: li
         ]
     lines += ["## Training", ""]
     if rows:
-        for title, keys in SERIES.items():
-            steps, values = series(rows, keys)
+        for title, key in SERIES.items():
+            steps, values = series(rows, key)
             if steps:
                 lines.append(f"- {title}: {values[0]:.4g} at step {steps[0]:g} -> {values[-1]:.4g} at step {steps[-1]:g}"
                              + (f" (best {max(values):.4g})" if "HitRatio" in title else ""))

@@ -14,7 +14,6 @@ Counts are summed over ranks, so every rank returns the same numbers.
 
 from __future__ import annotations
 
-import functools
 import math
 from itertools import islice
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Sequence
 import torch
 
 from llara_dist.eval.evaluate import EvalSettings, evaluate_samples
-from llara_dist.model.generation import all_ranks_done
 
 
 def validation_subset(shard_dir: str | Path, n: int) -> list[dict]:
@@ -58,8 +56,7 @@ def validate_in_training(
     per_rank = math.ceil(len(samples) / world_size)
     padded = part + [samples[0]] * (per_rank - len(part))
     device = next(model.parameters()).device
-    all_done = functools.partial(all_ranks_done, device=device) if distributed else None
-    rows = evaluate_samples(model, tokenizer, padded, titles, item_table, settings, all_done=all_done)[: len(part)]
+    rows = evaluate_samples(model, tokenizer, padded, titles, item_table, settings, sync_ranks=distributed)[: len(part)]
     counts = torch.tensor([sum(r["valid"] for r in rows), sum(r["correct"] for r in rows), len(rows)],
                           dtype=torch.float64, device=device)
     if distributed:

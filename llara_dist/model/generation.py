@@ -1,6 +1,7 @@
 """Greedy decoding from prompt embeddings: the one decoding loop of llara-dist.
 
-``LlaraModel.generate`` and evaluation's free and constrained decoding all run :func:`greedy_generate`.
+``LlaraModel.generate`` runs :func:`greedy_generate`; evaluation's free and constrained decoding
+call ``LlaraModel.generate`` (the constrained one with a candidate-title trie as ``constraints``).
 It starts from ``inputs_embeds`` (a prompt with item embeddings already injected) rather than
 token ids and drives a Hugging Face causal LM (PEFT-wrapped or not) itself, because decoding here
 needs three things ``transformers``' ``generate()`` does not give together:
@@ -23,19 +24,6 @@ from torch import Tensor, nn
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """RoPE positions that start at 0 at each row's first real token (left or right padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
-              ) -> tuple[Tensor, Tensor]:
-    """Token sequences as right-padded ``ids [N, T]`` (long) and ``mask [N, T]`` (bool, True on real
-    tokens); ``T`` is the longest sequence's length (0 when all are empty)."""
-    width = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(sequences), width, dtype=torch.bool, device=device)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, : len(seq)] = True
-    return ids, mask
 
 
 class PrefixConstraint(Protocol):

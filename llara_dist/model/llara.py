@@ -34,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llara_dist.config import Config, LoraConfig, ModelConfig
 from llara_dist.errors import CheckpointError, ConfigError
-from llara_dist.model.generation import all_ranks_done, greedy_generate, pad_right, positions_from_mask
+from llara_dist.model.generation import PrefixConstraint, all_ranks_done, greedy_generate, positions_from_mask
 from llara_dist.ops import inject_embeddings
 
 EXPORT_FORMAT = "llara-dist-export"
@@ -343,38 +343,18 @@ class LlaraModel(nn.Module):
     # -- inference -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def continuation_logprobs(self, input_ids: Tensor, attention_mask: Tensor, slots: Tensor,
-                              batch_items: Tensor, item_table: Tensor | np.ndarray,
-                              continuations: Sequence[Sequence[int]]) -> Tensor:
-        """Sum of log p(continuation tokens | prompt) per row, for left-padded prompts ``[B, L]``.
-
-        Row ``b`` is scored with ``continuations[b]`` (e.g. a candidate title's tokens + EOS);
-        repeat a prompt once per candidate to score several.
-        """
-        if len(continuations) != input_ids.shape[0]:
-            raise ValueError(f"continuation_logprobs: {len(continuations)} continuations for {input_ids.shape[0]} prompts")
-        cont, cont_mask = pad_right(continuations, self.pad_token_id, input_ids.device)
-        width = cont.shape[1]
-        prompt = self.embed(input_ids, slots, batch_items, item_table)
-        embeds = torch.cat([prompt, self.embed_tokens(cont).to(prompt.dtype)], dim=1)
-        mask = torch.cat([attention_mask.long(), cont_mask.long()], dim=1)
-        # Token t of the continuation is predicted at position plen - 1 + t: only the last
-        # width + 1 positions need logits (a [B, L, V] tensor is large for a 32k vocabulary).
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
-                         use_cache=False, logits_to_keep=width + 1).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, cont.unsqueeze(-1)).squeeze(-1)
-        return (logp * cont_mask).sum(-1)
-
-    @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, slots: Tensor, batch_items: Tensor,
                  item_table: Tensor | np.ndarray, max_new_tokens: int, stop_token_ids: Sequence[int],
+                 constraints: Sequence[PrefixConstraint] | None = None,
                  sync_ranks: bool | None = None) -> list[list[int]]:
         """Greedy decoding from the injected prompt embeddings (left-padded ``[B, L]``).
 
         Returns each row's new tokens, without the stop token. Uses the KV cache and per-row
-        positions, so a row decodes the same alone or in any batch. ``sync_ranks`` (default: on
-        when the weights are ZeRO-3 partitioned over several ranks) keeps stepping until every
-        rank is done, because each forward is then a collective. The loop is
+        positions, so a row decodes the same alone or in any batch. ``constraints`` (one per row,
+        e.g. evaluation's candidate-title trie) restrict each step to the row's allowed tokens and
+        stop the row once its answer is complete. ``sync_ranks`` (default: on when the weights are
+        ZeRO-3 partitioned over several ranks) keeps stepping until every rank is done, because
+        each forward is then a collective. The loop is
         :func:`llara_dist.model.generation.greedy_generate`.
         """
         if sync_ranks is None:
@@ -383,7 +363,8 @@ class LlaraModel(nn.Module):
         all_done = functools.partial(all_ranks_done, device=input_ids.device) if sync_ranks else None
         embeds = self.embed(input_ids, slots, batch_items, item_table)
         return greedy_generate(self.lm, embeds, attention_mask, max_new_tokens=max_new_tokens,
-                               stop_ids=stop_token_ids, pad_id=self.pad_token_id, all_done=all_done)
+                               stop_ids=stop_token_ids, pad_id=self.pad_token_id, constraints=constraints,
+                               all_done=all_done)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,11 +12,6 @@ Backward: grad_inputs_embeds is the output grad with the injected positions zero
 grad_rows[k] is the sum of the output grads at the positions that took row k (accumulated in
 float32, then cast to the rows' dtype).
 
-`embed_and_inject(embedding, input_ids, slots, rows)` is the same result from the token ids: when
-the embedding is a plain frozen `nn.Embedding` without hooks it fuses the lookup with the
-injection (one write of [B, L, D] instead of two); otherwise (ZeRO-3's partitioned table with its
-gather hooks, PEFT hooks, a trainable table) it calls the module and then `inject_embeddings`.
-
 Kernels:
 - CPU: the sparse PyTorch kernel below. It finds the placeholder positions once per batch
   (`nonzero` on a CPU tensor is not a device sync), so it touches the full [B, L, D] tensor only in
@@ -40,7 +35,7 @@ from torch import Tensor
 
 from llara_dist.errors import DataError
 
-__all__ = ["embed_and_inject", "inject_embeddings"]
+__all__ = ["inject_embeddings"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,20 +92,6 @@ def forward_torch(
         return inputs_embeds.clone(memory_format=torch.contiguous_format)
     keep = (slots < 0).unsqueeze(-1)
     return torch.where(keep, inputs_embeds, rows[slots.clamp(min=0)])
-
-
-def embed_forward_torch(
-    input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor, *, sparse: bool | None = None
-) -> Tensor:
-    """The fused entry's PyTorch kernel: the token lookup, then the rows written into its output
-    (which is fresh, so unlike `forward_torch` no copy of [B, L, D] is needed)."""
-    _check_slots(slots, rows.shape[0])
-    out = torch.nn.functional.embedding(input_ids, weight)
-    if not (_sparse_default(out) if sparse is None else sparse):
-        return forward_torch(out, slots, rows, sparse=False)
-    pos, take = _placeholder_positions(slots)
-    out.view(-1, weight.shape[1]).index_copy_(0, pos, rows.index_select(0, take))
-    return out
 
 
 def backward_torch(
@@ -224,41 +205,6 @@ def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None
 _inject_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# The fused entry: the token lookup and the injection in one pass (frozen table only).
-@torch.library.custom_op("llara::embed_and_inject", mutates_args=())
-def _embed_op(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
-    if _use_triton(weight):
-        _check_slots(slots, rows.shape[0])
-        ids_ok = (input_ids >= 0).all() & (input_ids < weight.shape[0]).all()
-        torch._assert_async(ids_ok, "embed_and_inject: input_ids out of the table's range")
-        return _triton_kernels().embed_forward(input_ids, weight, slots, rows)
-    return embed_forward_torch(input_ids, weight, slots, rows)
-
-
-@_embed_op.register_fake
-def _embed_fake(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
-    return weight.new_empty((*input_ids.shape, weight.shape[1]))
-
-
-def _embed_setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-    _, _, slots, rows = inputs
-    ctx.save_for_backward(slots)
-    ctx.n_rows = rows.shape[0]
-
-
-def _embed_backward(ctx, grad_out: Tensor) -> tuple[None, None, None, Tensor | None]:
-    # `embed_and_inject` only fuses frozen tables; a trainable one takes the unfused path.
-    if ctx.needs_input_grad[1]:
-        raise RuntimeError("embed_and_inject: the embedding weight must not require grad")
-    if not ctx.needs_input_grad[3]:
-        return None, None, None, None
-    (slots,) = ctx.saved_tensors
-    return None, None, None, _rows_grad_op(grad_out.contiguous(), slots, ctx.n_rows)
-
-
-_embed_op.register_autograd(_embed_backward, setup_context=_embed_setup_context)
-
-
 # --------------------------------------------------------------------------------------------
 # Public entry
 # --------------------------------------------------------------------------------------------
@@ -304,38 +250,3 @@ def inject_embeddings(inputs_embeds: Tensor, slots: Tensor, rows: Tensor) -> Ten
     batch, length, dim = inputs_embeds.shape
     _check_inputs(batch, length, dim, inputs_embeds.dtype, inputs_embeds.device, slots, rows)
     return _inject_op(inputs_embeds.contiguous(), slots.to(torch.int64).contiguous(), rows.contiguous())
-
-
-def _fusable(embedding: torch.nn.Module) -> bool:
-    """True when calling `embedding(ids)` would be exactly `F.embedding(ids, weight)` on a full,
-    frozen table. Under ZeRO-3 the module carries DeepSpeed's gather hooks and its weight is an
-    empty partition outside them, so this is False and the caller falls back to the module."""
-    if type(embedding) is not torch.nn.Embedding or embedding.max_norm is not None:
-        return False
-    weight = embedding.weight
-    if weight.requires_grad or weight.shape != (embedding.num_embeddings, embedding.embedding_dim):
-        return False
-    hooks = torch.nn.modules.module
-    return not (embedding._forward_hooks or embedding._forward_pre_hooks
-                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
-
-
-def embed_and_inject(embedding: torch.nn.Module, input_ids: Tensor, slots: Tensor, rows: Tensor
-                     ) -> Tensor:
-    """`inject_embeddings(embedding(input_ids), slots, rows)`, fused when possible.
-
-    Fused (one read of the table or the rows per position, one write, and a backward that reads
-    only the placeholder positions) when `embedding` is a plain frozen `nn.Embedding` with its
-    full weight and no hooks; otherwise (ZeRO-3 partitioned weight with DeepSpeed's hooks, PEFT or
-    `enable_input_require_grads` hooks, a trainable or scaled embedding) the module is called as
-    usual and its output goes through `inject_embeddings`. The result is the same either way.
-    """
-    if not _fusable(embedding):
-        return inject_embeddings(embedding(input_ids), slots, rows)
-    if input_ids.dim() != 2:
-        raise ValueError(
-            f"embed_and_inject: input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-    weight = embedding.weight
-    _check_inputs(*input_ids.shape, weight.shape[1], weight.dtype, weight.device, slots, rows)
-    return _embed_op(input_ids.contiguous(), weight, slots.to(torch.int64).contiguous(),
-                     rows.contiguous())

@@ -1,9 +1,7 @@
 """Triton kernels of `inject_embeddings` for CUDA (imported lazily by `inject.py`).
 
 Forward: one program per (position, block of D) copies either the position's embedding or the
-row its slot names; every element of the output is read once and written once. The fused entry
-(`embed_and_inject`) runs the same kernel reading the token table at the position's id instead
-of a materialised `inputs_embeds`.
+row its slot names; every element of the output is read once and written once.
 
 Backward: one launch makes both gradients in a single pass over the output grad. The programs
 for positions write grad_inputs_embeds (the grad, zeroed at placeholders, whose grad they do not
@@ -47,10 +45,8 @@ def _block_d(dim: int) -> int:
 
 
 @triton.jit
-def _forward_kernel(src_ptr, ids_ptr, slots_ptr, rows_ptr, out_ptr, n_src, n_rows, dim,
-                    BLOCK_D: tl.constexpr, GATHER: tl.constexpr):
-    # GATHER=False: src is inputs_embeds [B*L, D] and position p keeps src[p].
-    # GATHER=True (the fused lookup): src is the token table [V, D] and p keeps src[ids[p]].
+def _forward_kernel(src_ptr, slots_ptr, rows_ptr, out_ptr, n_rows, dim, BLOCK_D: tl.constexpr):
+    # src is inputs_embeds [B*L, D]; position p keeps src[p] unless its slot names a row.
     pos = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_dim = offs < dim
@@ -58,13 +54,8 @@ def _forward_kernel(src_ptr, ids_ptr, slots_ptr, rows_ptr, out_ptr, n_src, n_row
     slot = tl.load(slots_ptr + pos) + tl.zeros([BLOCK_D], dtype=tl.int64)
     inject = (slot >= 0) & (slot < n_rows)
     keep = (slot < 0) | (slot >= n_rows)
-    if GATHER:
-        src_row = tl.load(ids_ptr + pos) + tl.zeros([BLOCK_D], dtype=tl.int64)
-        keep = keep & (src_row >= 0) & (src_row < n_src)
-    else:
-        src_row = pos + tl.zeros([BLOCK_D], dtype=tl.int64)
     from_rows = tl.load(rows_ptr + slot * dim + offs, mask=in_dim & inject, other=0.0)
-    from_src = tl.load(src_ptr + src_row * dim + offs, mask=in_dim & keep, other=0.0)
+    from_src = tl.load(src_ptr + pos * dim + offs, mask=in_dim & keep, other=0.0)
     tl.store(out_ptr + pos * dim + offs, tl.where(inject, from_rows, from_src), mask=in_dim)
 
 
@@ -104,24 +95,7 @@ def forward(inputs_embeds: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
     block = _block_d(dim)
     grid = (n_pos, triton.cdiv(dim, block))
     with _on_device(out):
-        _forward_kernel[grid](inputs_embeds, slots, slots, rows, out, n_pos, rows.shape[0], dim,
-                              BLOCK_D=block, GATHER=False)
-    return out
-
-
-def embed_forward(input_ids: Tensor, weight: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
-    """The fused lookup: out[b, l] = rows[slot] where the slot is in range, else
-    weight[input_ids[b, l]] (zeros for an out-of-range id; `inject.py` asserts on those)."""
-    dim = weight.shape[1]
-    out = weight.new_empty((*input_ids.shape, dim))
-    n_pos = slots.numel()
-    if n_pos == 0 or dim == 0:
-        return out
-    block = _block_d(dim)
-    grid = (n_pos, triton.cdiv(dim, block))
-    with _on_device(out):
-        _forward_kernel[grid](weight, input_ids, slots, rows, out, weight.shape[0], rows.shape[0],
-                              dim, BLOCK_D=block, GATHER=True)
+        _forward_kernel[grid](inputs_embeds, slots, rows, out, rows.shape[0], dim, BLOCK_D=block)
     return out
 
 

@@ -68,11 +68,17 @@ def test_tiny_tokenizer_is_deterministic_and_complete(data, tokenizer):
     assert tokenizer.convert_tokens_to_ids(HISTORY_TOKEN) in ids and tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN) in ids
 
 
+def _items(batch):
+    """The item id at each placeholder (-1 elsewhere), as the model reads it: batch_items[slots]."""
+    slots, bi = batch["slots"], batch["batch_items"]
+    return torch.where(slots >= 0, bi[slots.clamp(min=0)] if bi.numel() else -1, -1)
+
+
 def _check_slot_map(batch, prompts, tokenizer):
-    items, slots, bi = batch["placeholder_items"], batch["slots"], batch["batch_items"]
+    slots, bi = batch["slots"], batch["batch_items"]
     assert torch.equal(bi, torch.unique(bi)) and bi.tolist() == sorted(set(i for p in prompts for i in p.item_ids))
-    assert torch.equal(slots >= 0, items >= 0)
-    assert torch.equal(bi[slots[slots >= 0]], items[items >= 0])
+    assert int(slots.max()) == len(bi) - 1  # every distinct item is used
+    items = _items(batch)
     marks = {tokenizer.convert_tokens_to_ids(HISTORY_TOKEN), tokenizer.convert_tokens_to_ids(CANDIDATE_TOKEN)}
     for row, p in enumerate(prompts):
         at = [i for i, t in enumerate(batch["input_ids"][row].tolist()) if t in marks]
@@ -85,7 +91,7 @@ def test_train_collator(data, tokenizer):
     prompts = [build_prompt(s, titles, mode="hybrid", domain="movie", seed=1) for s in train[:6]]
     batch = TrainCollator(tokenizer, max_length=1024)(prompts)
     b, width = batch["input_ids"].shape
-    assert b == 6 and all(batch[k].shape == (b, width) for k in ("attention_mask", "labels", "placeholder_items", "slots"))
+    assert b == 6 and all(batch[k].shape == (b, width) for k in ("attention_mask", "labels", "slots"))
     _check_slot_map(batch, prompts, tokenizer)
     for row, p in enumerate(prompts):
         mask = batch["attention_mask"][row]
@@ -118,7 +124,7 @@ def test_text_mode_injects_nothing(data, tokenizer):
     prompts = [build_prompt(s, titles, mode="text", domain="movie", seed=0) for s in train[:3]]
     for collator in (TrainCollator(tokenizer, 1024), GenerationCollator(tokenizer, 1024)):
         batch = collator(prompts)
-        assert (batch["placeholder_items"] == -1).all() and (batch["slots"] == -1).all()
+        assert (batch["slots"] == -1).all()
         assert batch["batch_items"].numel() == 0
 
 
@@ -132,7 +138,7 @@ def test_too_long_prompts_lose_their_oldest_history_items(data, tokenizer):
     with pytest.warns(UserWarning, match="oldest history item"):
         batch = collate(prompts)
     assert collate.truncated == 1 and int(batch["attention_mask"].sum()) <= n - 12
-    items = batch["placeholder_items"][0]
+    items = _items(batch)[0]
     kept = items[items >= 0].tolist()
     dropped = len(prompts[0].item_ids) - len(kept)
     assert 1 <= dropped < len(sample["history"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llara_dist.eval.decoding import CandidateTrie, greedy_decode, score_sequences
+from llara_dist.eval.decoding import CandidateTrie, continuation_logprobs
+from llara_dist.model.generation import greedy_generate
 
 VOCAB, EOS, PAD = 64, 2, 0
 
@@ -54,7 +55,7 @@ def test_greedy_matches_generate_and_is_padding_invariant(lm):
     alone = []
     for p in prompts:
         ids = torch.tensor([p])
-        ours = greedy_decode(lm, embed(ids), torch.ones_like(ids), max_new_tokens=8, stop_ids=[EOS], pad_id=PAD)[0]
+        ours = greedy_generate(lm, embed(ids), torch.ones_like(ids), max_new_tokens=8, stop_ids=[EOS], pad_id=PAD)[0]
         ref = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                           eos_token_id=EOS, pad_token_id=PAD)[0, len(p):].tolist()
         ref = ref[: ref.index(EOS)] if EOS in ref else ref
@@ -62,7 +63,7 @@ def test_greedy_matches_generate_and_is_padding_invariant(lm):
         alone.append(ours)
     # Left-padded together: identical to decoding each prompt alone.
     ids, mask = _left_pad(prompts)
-    batched = greedy_decode(lm, embed(ids), mask, max_new_tokens=8, stop_ids=[EOS], pad_id=PAD)
+    batched = greedy_generate(lm, embed(ids), mask, max_new_tokens=8, stop_ids=[EOS], pad_id=PAD)
     assert batched == alone
 
 
@@ -74,8 +75,8 @@ def test_sync_hook_keeps_stepping_until_told(lm):
         calls.append(local_done)
         return False
 
-    greedy_decode(lm, lm.get_input_embeddings()(ids), mask, max_new_tokens=6, stop_ids=list(range(VOCAB)),
-                  pad_id=PAD, all_done=never_done)
+    greedy_generate(lm, lm.get_input_embeddings()(ids), mask, max_new_tokens=6, stop_ids=list(range(VOCAB)),
+                    pad_id=PAD, all_done=never_done)
     # Every token is a stop token, so the batch is locally done at once; the hook still saw 6 steps.
     assert calls == [True] * 6
 
@@ -86,10 +87,10 @@ def test_constrained_answers_are_candidate_sequences(lm):
     prompts = _prompts(16, seed=1)
     ids, mask = _left_pad(prompts)
     tries = [CandidateTrie([t + [EOS] for t in titles])] * len(prompts)
-    out = greedy_decode(lm, lm.get_input_embeddings()(ids), mask, max_new_tokens=6, stop_ids=[EOS],
-                        pad_id=PAD, tries=tries)
+    out = greedy_generate(lm, lm.get_input_embeddings()(ids), mask, max_new_tokens=6, stop_ids=[EOS],
+                          pad_id=PAD, constraints=tries)
     assert all(o in titles for o in out)
-    free = greedy_decode(lm, lm.get_input_embeddings()(ids), mask, max_new_tokens=6, stop_ids=[EOS], pad_id=PAD)
+    free = greedy_generate(lm, lm.get_input_embeddings()(ids), mask, max_new_tokens=6, stop_ids=[EOS], pad_id=PAD)
     assert not all(o in titles for o in free)  # the random model alone does not say titles
 
 
@@ -97,8 +98,8 @@ def test_score_matches_brute_force_likelihood(lm):
     prompt = _prompts(1, seed=2)[0]
     cands = [[10, 11, EOS], [10, 11, 12, EOS], [30, EOS], [40, 41, 42, 43, EOS]]
     emb = lm.get_input_embeddings()(torch.tensor(prompt))
-    got = score_sequences(lm, emb, cands, pad_id=PAD)
-    got_norm = score_sequences(lm, emb, cands, pad_id=PAD, length_norm=True)
+    got = continuation_logprobs(lm, emb, cands, pad_id=PAD)
+    got_norm = continuation_logprobs(lm, emb, cands, pad_id=PAD, length_norm=True)
     for i, c in enumerate(cands):
         ids = torch.tensor([prompt + c])
         with torch.no_grad():
@@ -106,3 +107,9 @@ def test_score_matches_brute_force_likelihood(lm):
         brute = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(c))
         assert got[i] == pytest.approx(brute, abs=1e-4)
         assert got_norm[i] == pytest.approx(brute / len(c), abs=1e-4)
+
+
+def test_score_refuses_empty_sequences(lm):
+    emb = lm.get_input_embeddings()(torch.tensor(_prompts(1)[0]))
+    with pytest.raises(ValueError, match="empty"):
+        continuation_logprobs(lm, emb, [[10, EOS], []], pad_id=PAD)

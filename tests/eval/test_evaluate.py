@@ -98,7 +98,7 @@ def test_score_mode_matches_per_candidate_likelihood(tiny_run, ray_session, tmp_
     assert {"hit_ratio@5", "ndcg@5", "ndcg@10"} <= set(m) and m["valid_ratio"] == 1.0
     assert list(rows[0]) == PREDICTION_COLUMNS + ["scores"]
 
-    # Brute force: the model's own continuation log-likelihood, one candidate per row.
+    # Brute force: one full prompt + candidate row per candidate, no shared cache, token by token.
     model, tok, _ = load_export(run / "final")
     titles = load_titles(cfg.data.shards)
     table, _ = load_item_table(cfg.train.rec_dir, load_meta(cfg.data.shards))
@@ -106,12 +106,17 @@ def test_score_mode_matches_per_candidate_likelihood(tiny_run, ray_session, tmp_
     for sample, row in zip(list(read_split(cfg.data.shards, "test"))[:2], rows):
         prompt = build_prompt(sample, titles, mode="hybrid", domain="movie", seed=cfg.train.seed)
         cands = sample["candidates"]
-        batch = collate([prompt] * len(cands))
-        brute = model.continuation_logprobs(batch["input_ids"], batch["attention_mask"], batch["slots"],
-                                            batch["batch_items"], torch.from_numpy(table),
-                                            [answer_token_ids(tok, titles[c]) for c in cands])
+        batch = collate([prompt])
+        with torch.no_grad():
+            embeds = model.embed(batch["input_ids"], batch["slots"], batch["batch_items"], torch.from_numpy(table))[0]
+            brute = []
+            for c in cands:
+                answer = torch.tensor(answer_token_ids(tok, titles[c]))
+                full = torch.cat([embeds, model.embed_tokens(answer)]).unsqueeze(0)
+                logp = model.lm_logits(full, torch.ones(full.shape[:2], dtype=torch.long))[0].log_softmax(-1)
+                brute.append(float(logp[len(embeds) - 1:-1].gather(-1, answer[:, None]).sum()))
         got = [float(x) for x in row["scores"].split()]
-        assert got == pytest.approx(brute.tolist(), abs=1e-4)
+        assert got == pytest.approx(brute, abs=1e-4)
         assert row["matched"] == titles[cands[int(np.argmax(got))]]
 
 

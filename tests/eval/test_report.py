@@ -21,7 +21,6 @@ def _make_run(tmp_path):
     (run / "eval" / "test").mkdir(parents=True)
     log = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "hybrid_share": s / 10} for s in range(1, 11)]
     log += [{"step": 5, "valid/hit_ratio@1": 0.1, "valid/valid_ratio": 0.5}, {"step": 10, "valid/hit_ratio@1": 0.2}]
-    log[0]["hybrid_prob"] = 0.0
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
     (run / "config.yaml").write_text("model: {name_or_path: tiny, dtype: float32}\ntrain: {lr: 0.001}\n")
     m = _metrics(0.25, 40, split="test", prompt="hybrid", decoding="free", valid_ratio=0.5,
@@ -43,11 +42,15 @@ def test_report_writes_plots_and_summary(tmp_path):
     assert "| 0.250 [" in summary and "| 0.400 [" in summary and "| 0.100 [" in summary
     assert "| test | hybrid | free | 40 |" in summary
     assert "validation HitRatio@1: 0.1 at step 5 -> 0.2 at step 10 (best 0.2)" in summary
+    # every series under the key the training worker writes (metrics.jsonl)
+    assert "- loss: 3 at step 1 -> 0.3 at step 10" in summary
+    assert "- learning rate: 0.001 at step 1 -> 0.001 at step 10" in summary
+    assert "- hybrid share: 0.1 at step 1 -> 1 at step 10" in summary
 
 
-def test_series_picks_last_value_per_step_and_aliases():
-    rows = [{"step": 1, "train/loss": 2.0}, {"step": 1, "train/loss": 1.5}, {"step": 2, "train/loss": float("nan")}]
-    assert series(rows, ("loss", "train/loss")) == ([1], [1.5])
+def test_series_picks_last_finite_value_per_step():
+    rows = [{"step": 1, "loss": 2.0}, {"step": 1, "loss": 1.5}, {"step": 2, "loss": float("nan")}, {"step": 3}]
+    assert series(rows, "loss") == ([1], [1.5])
 
 
 def test_report_errors_name_the_problem(tmp_path):

@@ -72,9 +72,7 @@ def make_batch(tokenizer, samples, *, mode: str = "hybrid", generation: bool = F
 
     prompts = [build_prompt(s, TITLES, mode=mode, domain="movie", seed=0) for s in samples]
     collator = (GenerationCollator if generation else TrainCollator)(tokenizer, 512)
-    batch = collator(prompts)
-    batch.pop("placeholder_items")
-    return batch
+    return collator(prompts)
 
 
 def _gen_args(batch, item_table):
@@ -377,22 +375,23 @@ def test_local_checkpoint_export_round_trip(item_table, tmp_path):
     assert torch.equal(got, expected)
 
 
-def test_continuation_logprobs_match_logits(model, tokenizer, item_table):
+def test_scorer_matches_token_by_token_logits(model, tokenizer, item_table):
+    """eval's scorer (shared prompt KV cache through the PEFT model) on injected hybrid prompts."""
+    from llara_dist.eval.decoding import continuation_logprobs
+
     model.eval()
-    batch = make_batch(tokenizer, SAMPLES[:2], generation=True)
     conts = [[5, 6, tokenizer.eos_token_id], [7]]
     with torch.no_grad():
-        got = model.continuation_logprobs(batch["input_ids"], batch["attention_mask"], batch["slots"],
-                                          batch["batch_items"], item_table, conts)
+        one = make_batch(tokenizer, [SAMPLES[0]], generation=True)
+        prompt = model.embed(one["input_ids"], one["slots"], one["batch_items"], item_table)
+        got = continuation_logprobs(model.lm, prompt[0], conts, pad_id=model.pad_token_id)
         for b, cont in enumerate(conts):
-            one = make_batch(tokenizer, [SAMPLES[b]], generation=True)
-            embeds = model.embed(one["input_ids"], one["slots"], one["batch_items"], item_table)
-            total = 0.0
+            embeds, total = prompt, 0.0
             for tok in cont:
                 logits = model.lm_logits(embeds, torch.ones(embeds.shape[:2], dtype=torch.long))[0, -1]
                 total += torch.log_softmax(logits, -1)[tok].item()
                 embeds = torch.cat([embeds, model.embed_tokens(torch.tensor([[tok]]))], dim=1)
-            assert got[b].item() == pytest.approx(total, abs=1e-4)
+            assert got[b] == pytest.approx(total, abs=1e-4)
 
 
 def test_missing_model_path_is_a_config_error(tokenizer, tmp_path):
