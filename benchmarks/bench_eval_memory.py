@@ -1,7 +1,7 @@
 """Peak host memory of one evaluation worker loading an export, against the checkpoint's size.
 
 Saves a random Llama checkpoint (`save_pretrained`, bf16, safetensors) of the given shape, trains
-nothing, exports a LLaRA model on it (`save_export`), then loads that export in a fresh process the
+nothing, exports a LLaRA model on it (`write_export`), then loads that export in a fresh process the
 way an eval worker does (`load_export(..., device=...)`) and reports the process's peak RSS above
 its RSS after imports. Target: at most one copy of the weights per worker.
 
@@ -46,7 +46,7 @@ def main() -> None:
 
     from llara_dist.config import load_config
     from llara_dist.data.tokenizer import build_tiny_tokenizer
-    from llara_dist.model.llara import build_model, load_tokenizer, save_export
+    from llara_dist.model.llara import build_model, load_tokenizer, write_export
 
     with tempfile.TemporaryDirectory(prefix="bench-eval-mem-") as tmp:
         ckpt, export = Path(tmp) / "base", Path(tmp) / "export"
@@ -63,7 +63,7 @@ def main() -> None:
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         cfg = load_config(None, [f"model.name_or_path={ckpt}", "model.dtype=bfloat16"])
         model = build_model(cfg, load_tokenizer(cfg.model, titles), rec_dim=64, device=args.device)
-        save_export(model, load_tokenizer(cfg.model, titles), export)
+        write_export(model, load_tokenizer(cfg.model, titles), export)
         del model
         ways = ["direct"] + (["host-first"] if args.device != "cpu" else [])
         results = {}
