@@ -33,6 +33,8 @@ class TrainPlan:
     hidden_size: int
     storage_path: str
     name: str
+    n_train: int = 0
+    checks: dict | None = None  # what `dry_run.cheap_checks` found (prompts checked, parameter counts)
 
 
 def _hidden_size(cfg: Config) -> int:
@@ -70,7 +72,7 @@ def plan_run(cfg: Config, n_train: int) -> TrainPlan:
         storage, name = cfg.ray.storage_path, cfg.ray.name or run_dir.name
     else:
         storage, name = str(run_dir), cfg.ray.name or "checkpoints"
-    return TrainPlan(run_dir, total, steps_per_epoch, _hidden_size(cfg), storage, name)
+    return TrainPlan(run_dir, total, steps_per_epoch, _hidden_size(cfg), storage, name, n_train)
 
 
 def preflight(cfg: Config) -> tuple[TrainPlan, "object", dict]:
@@ -88,6 +90,12 @@ def preflight(cfg: Config) -> tuple[TrainPlan, "object", dict]:
     for world in sorted({lo, hi}):  # batch size depends on the world size: check both ends
         build_ds_config(cfg, world_size=world, total_steps=plan.total_steps, hidden_size=plan.hidden_size)
     _check_resume_matches(plan, meta, cfg.data.shards)
+    # The tokenizer, answer-in-prompt and LoRA-target checks of `--dry-run` (seconds, no weights):
+    # each would otherwise fail in every worker after the model load.
+    from llara_dist.train.dry_run import cheap_checks
+
+    prompts, counts = cheap_checks(cfg, meta, int(table.shape[1]))
+    plan.checks = {"prompts": prompts, "counts": counts}
     return plan, table, rec_meta
 
 
