@@ -148,6 +148,15 @@ def count_params(cfg: Config, tokenizer, rec_dim: int) -> ParamCounts:
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in base.modules())
         n_base = sum(p.numel() for p in base.parameters())
         d_model = base.config.get_text_config().hidden_size
+        # PEFT refuses only a list of which *no* entry matches; a misspelt entry next to good ones
+        # would silently leave those layers without adapters. Each entry must name a module (PEFT's
+        # rule for a list: the full name or its last dotted parts).
+        names = [n for n, _ in base.named_modules() if n]
+        missing = [k for k in cfg.lora.target_modules if not any(n == k or n.endswith("." + k) for n in names)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(f"lora.target_modules: {', '.join(missing)} not found in {source} "
+                              f"({type(base).__name__}; its Linear modules: {', '.join(linear)})")
         lora = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                               target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none")
         try:
@@ -258,7 +267,7 @@ def dry_run(cfg: Config) -> str:
         ("  frozen base weights", _gib(mem["frozen_base"])
          + (" (sharded)" if mem["stage"] == 3 else " (whole copy)")),
         ("  trainable states", _gib(mem["trainable_states"]) + " (16-bit + fp32 master + Adam + grads)"),
-        ("  ZeRO-3 gather buffer", _gib(mem["gather"]) + " (largest layer)"),
+        *([("  ZeRO-3 gather buffer", _gib(mem["gather"]) + " (largest layer)")] if mem["stage"] == 3 else []),
         ("  model states total", _gib(mem["gpu_total"]) + " + activations"),
         ("  host RAM per node", _gib(mem["host"]) + " (DeepSpeed's estimate for the model states)"),
     ]
