@@ -112,3 +112,45 @@ def test_missing_model_directory_exits_2_naming_the_key(tiny_shards, tiny_rec, t
     code, _, err = _dry_run(capsys, "movielens.yaml", *_paths(tmp_path / "absent", tiny_shards, tiny_rec, tmp_path))
     assert code == 2
     assert "model.name_or_path" in err and "absent" in err
+
+
+def _gpt2_style_checkout(titles: list[str], out: Path) -> Path:
+    """A Llama config.json + a byte-level BPE trained on titles that follow a space (as GPT-2 /
+    Llama-3 / Qwen vocabularies are): ``ĠThe`` is a token, ``The`` at the start of a text is not it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from llara_dist.data.tokenizer import BOS, EOS, UNK, prepare_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([f"a, {t}" for t in titles] * 3, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=[BOS, EOS, UNK], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                                     unk_token=UNK))
+    fast.save_pretrained(out)
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=1024, architectures=["LlamaForCausalLM"]).save_pretrained(out)
+    return out
+
+
+def test_answer_tokens_missing_from_the_prompt_exit_2(tiny_shards, tiny_rec, tmp_path, capsys, monkeypatch):
+    """The bug `encode_answers` exists for: a byte-level BPE encodes a title at the start of a text
+    differently from the same title after a space. Encoding answers naively must be caught."""
+    import llara_dist.data.collate as collate
+    from llara_dist.data.shards import load_titles
+
+    model = _gpt2_style_checkout(load_titles(tiny_shards), tmp_path / "model")
+    args = _paths(model, tiny_shards, tiny_rec, tmp_path)
+    code, _, err = _dry_run(capsys, "movielens.yaml", *args)
+    assert code == 0, err  # the real encoding passes
+
+    def naive(tokenizer, answers):
+        return [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+
+    monkeypatch.setattr(collate, "encode_answers", naive)
+    code, out, err = _dry_run(capsys, "movielens.yaml", *args)
+    assert code == 2
+    assert str(tiny_shards) in err and "do not occur in the prompt" in err
