@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: run_dir from the config)")
     p.add_argument("--replan", action="store_true", help="resume with the current config's plan (total steps, "
                    "effective batch, seed, curriculum, ...) instead of refusing a change")
+    p.add_argument("--dry-run", action="store_true", help="check the config, data, tokenizer, model architecture "
+                   "and DeepSpeed config and print the run plan with a per-GPU memory estimate; no workers, "
+                   "no weights loaded (exit 0: all checks passed, 2: the first failure)")
 
     p = sub.add_parser("eval", help="evaluate a trained run on the stored candidates")
     p.add_argument("--run", required=True, help="run directory")
@@ -136,6 +139,11 @@ def _cmd_train_rec(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    if args.dry_run:
+        from llara_dist.train.dry_run import dry_run
+
+        print(dry_run(_build_config(args, _TRAIN_KEYS)), flush=True)
+        return 0
     from llara_dist.train.driver import run_train
 
     run_train(_build_config(args, _TRAIN_KEYS), replan=args.replan)

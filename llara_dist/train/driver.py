@@ -33,6 +33,8 @@ class TrainPlan:
     hidden_size: int
     storage_path: str
     name: str
+    n_train: int = 0
+    checks: dict | None = None  # what `dry_run.cheap_checks` found (prompts checked, parameter counts)
 
     @property
     def total_steps(self) -> int:
@@ -73,7 +75,8 @@ def plan_run(cfg: Config, n_train: int, *, replan: bool = False) -> TrainPlan:
         storage, name = str(run_dir), cfg.ray.name or "checkpoints"
     fresh = make_plan(cfg, n_train, load_meta(cfg.data.shards).get("fingerprint"))
     saved, source = _saved_plan(storage, name)
-    return TrainPlan(run_dir, reconcile(saved, fresh, replan=replan, source=source), _hidden_size(cfg), storage, name)
+    return TrainPlan(run_dir, reconcile(saved, fresh, replan=replan, source=source), _hidden_size(cfg), storage, name,
+                     n_train)
 
 
 def _saved_plan(storage: str, name: str) -> tuple[RunPlan | None, str]:
@@ -115,6 +118,12 @@ def preflight(cfg: Config, *, replan: bool = False) -> tuple[TrainPlan, "object"
     lo, hi = worker_range(cfg)
     for world in sorted({lo, hi}):  # batch size depends on the world size: check both ends
         build_ds_config(cfg, world_size=world, total_steps=plan.total_steps, hidden_size=plan.hidden_size)
+    # The tokenizer, answer-in-prompt and LoRA-target checks of `--dry-run` (seconds, no weights):
+    # each would otherwise fail in every worker after the model load.
+    from llara_dist.train.dry_run import cheap_checks
+
+    prompts, counts = cheap_checks(cfg, meta, int(table.shape[1]))
+    plan.checks = {"prompts": prompts, "counts": counts}
     return plan, table, rec_meta
 
 
