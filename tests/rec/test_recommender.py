@@ -68,7 +68,7 @@ def test_table_read_through_a_non_local_filesystem(tiny_rec, tiny_shards):
     from llara_dist.data.storage import ShardDir
 
     mem, root = fsspec.filesystem("memory"), "/bucket/llara-table-test"
-    for name in ("item_embeddings.safetensors", "rec_meta.json"):
+    for name in ("item_embeddings.safetensors", "rec_meta.json", "model.safetensors"):
         mem.pipe(f"{root}/{name}", (tiny_rec / name).read_bytes())
     remote = ShardDir.on(pafs.PyFileSystem(pafs.FSSpecHandler(mem)), root)
     try:
@@ -76,6 +76,13 @@ def test_table_read_through_a_non_local_filesystem(tiny_rec, tiny_shards):
         table, rec_meta = load_item_table(remote, meta)
         np.testing.assert_array_equal(table, load_item_table(tiny_rec, meta)[0])
         assert rec_meta["shards_fingerprint"] == meta["fingerprint"]
+        # The recommender beside it (eval's baseline) loads through the same filesystem, same scores.
+        samples = list(read_split(tiny_shards, "test"))[:8]
+        remote_model, _ = load_recommender(remote)
+        local_model, _ = load_recommender(tiny_rec)
+        for a, b in zip(remote_model.state_dict().values(), local_model.state_dict().values()):
+            assert torch.equal(a, b)
+        np.testing.assert_array_equal(score_candidates(tiny_rec, samples), score_candidates(remote, samples))
         with pytest.raises(DataError, match="does not match the shards' fingerprint"):
             load_item_table(remote, {**meta, "fingerprint": "0" * 64})
         mem.pipe(f"{root}/item_embeddings.safetensors", b"not a safetensors file")
