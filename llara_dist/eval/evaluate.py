@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -316,6 +315,7 @@ def run_eval(cfg: Config, run_dir: str | Path, out_dir: str | Path | None = None
     import ray
 
     from llara_dist.data.shards import load_meta, read_split
+    from llara_dist.ray_session import connect_ray
     from llara_dist.recommender.scoring import popularity_scores, score_candidates
     from llara_dist.recommender.table import load_item_table
 
@@ -331,14 +331,7 @@ def run_eval(cfg: Config, run_dir: str | Path, out_dir: str | Path | None = None
     settings = _settings(cfg, cfg.data.domain or meta["domain"])
     world = min(cfg.eval.num_workers, len(samples))
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:  # a cluster (or `ray job submit`, whose runtime_env already applies)
-            ray.init(address=address, log_to_driver=True)
-        else:  # "local": never join some other cluster that `ray start` left on this machine
-            ray.init(address="local", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-                     include_dashboard=False, log_to_driver=True)
+    started_ray = connect_ray(cfg)
     try:
         use_gpu = cfg.scaling.use_gpu
         cpus = float(cfg.scaling.resources_per_worker.get("CPU", 1))

@@ -13,8 +13,9 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
+from llara_dist.data.storage import ShardDir
 from llara_dist.errors import CheckpointError
 from llara_dist.recommender.arrays import SplitArrays, load_split, samples_to_arrays
 from llara_dist.recommender.base import SequentialRecommender
@@ -49,18 +50,19 @@ def score_arrays(model: SequentialRecommender, seq: np.ndarray, candidates: np.n
     return np.concatenate(out) if out else np.zeros((0, candidates.shape[1]), np.float32)
 
 
-def load_recommender(rec_dir: str | Path, device: str = "cpu") -> tuple[SequentialRecommender, dict]:
-    """Rebuild the trained recommender of a ``train-rec`` output directory (eval mode)."""
-    rec_dir = Path(rec_dir)
-    meta_path, weights = rec_dir / "rec_meta.json", rec_dir / "model.safetensors"
-    for p in (meta_path, weights):
-        if not p.is_file():
-            raise CheckpointError(f"{p}: not found (expected the output of `llara-dist train-rec --out {rec_dir}`)")
-    meta = json.loads(meta_path.read_text())
+def load_recommender(rec_dir: str | Path | ShardDir, device: str = "cpu") -> tuple[SequentialRecommender, dict]:
+    """Rebuild the trained recommender of a ``train-rec`` output directory (eval mode); a local
+    path or a ``pyarrow.fs`` URI, like the item table beside it."""
+    where = ShardDir.of(rec_dir)
+    for name in ("rec_meta.json", "model.safetensors"):
+        if not where.is_file(name):
+            raise CheckpointError(f"{where.where(name)}: not found (expected the output of "
+                                  f"`llara-dist train-rec --out {where.label}`)")
+    meta = json.loads(where.read("rec_meta.json"))
     arch = meta["architecture"]
     model = build_recommender(meta["model"], meta["n_items"], arch["max_len"], hidden_size=arch["hidden_size"],
                               dropout=arch["dropout"], num_blocks=arch["num_blocks"], num_heads=arch["num_heads"])
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(load(where.read("model.safetensors")))
     return model.to(device).eval(), meta
 
 

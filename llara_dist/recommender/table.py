@@ -3,6 +3,9 @@
 A table trained on other data would silently inject the wrong items' embeddings, so loading it
 checks the table against the shards it is about to be used with: catalogue size and data
 fingerprint (``meta.json``'s ``fingerprint``, recorded as ``shards_fingerprint``).
+
+The table is read through the same filesystem layer as the shards (`data.storage.ShardDir`), so
+``train.rec_dir`` may be a local/NFS path or a ``pyarrow.fs`` URI (s3://, gs://) every node sees.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load, save_file
 
+from llara_dist.data.storage import ShardDir
 from llara_dist.errors import DataError
 
 TABLE_FILE = "item_embeddings.safetensors"
@@ -27,22 +32,27 @@ def save_item_table(rec_dir: str | Path, table: np.ndarray) -> Path:
     return path
 
 
-def load_item_table(rec_dir: str | Path, shard_meta: dict) -> tuple[np.ndarray, dict]:
+def load_item_table(rec_dir: str | Path | ShardDir, shard_meta: dict) -> tuple[np.ndarray, dict]:
     """The frozen table ``[n_items + 1, d]`` float32 and ``rec_meta.json``, checked against the shards.
 
-    Raises ``DataError`` when the files are missing or malformed, or when ``n_items`` or the data
-    fingerprint disagree with ``shard_meta`` (the shards' ``meta.json``).
+    ``rec_dir`` is a local path, a ``pyarrow.fs`` URI or a `ShardDir`. Raises ``DataError`` when the
+    files are missing or malformed, or when ``n_items`` or the data fingerprint disagree with
+    ``shard_meta`` (the shards' ``meta.json``).
     """
-    rec_dir = Path(rec_dir)
-    table_path, meta_path = rec_dir / TABLE_FILE, rec_dir / META_FILE
-    for p in (table_path, meta_path):
-        if not p.is_file():
+    where = ShardDir.of(rec_dir)
+    rec_dir = where.label
+    table_path, meta_path = where.where(TABLE_FILE), where.where(META_FILE)
+    for name, p in ((TABLE_FILE, table_path), (META_FILE, meta_path)):
+        if not where.is_file(name):
             raise DataError(f"{p}: not found (expected the output of `llara-dist train-rec --out {rec_dir}`)")
     try:
-        rec_meta = json.loads(meta_path.read_text())
+        rec_meta = json.loads(where.read(META_FILE))
     except json.JSONDecodeError as e:
         raise DataError(f"{meta_path}: not valid JSON: {e}") from None
-    tensors = load_file(str(table_path))
+    try:
+        tensors = load(where.read(TABLE_FILE))
+    except SafetensorError as e:
+        raise DataError(f"{table_path}: not a readable safetensors file ({e})") from None
     if TABLE_KEY not in tensors:
         raise DataError(f"{table_path}: no tensor named {TABLE_KEY!r} (found: {', '.join(tensors) or 'none'})")
     table = tensors[TABLE_KEY]

@@ -17,7 +17,6 @@ Run directory::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,26 +126,6 @@ def preflight(cfg: Config, *, replan: bool = False) -> tuple[TrainPlan, "object"
     return plan, table, rec_meta
 
 
-def _connect_ray(cfg: Config) -> bool:
-    """Connect to a running cluster (config, $RAY_ADDRESS) or start a local one; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}}
-    if not cfg.scaling.use_gpu:
-        env["env_vars"]["DS_ACCELERATOR"] = "cpu"
-    if address:
-        # Inside `ray job submit` the job's runtime_env already applies; adding one would conflict.
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local": never attach to some other cluster this machine happens to run (ray.init()
-        # without an address would join the last one `ray start` created).
-        ray.init(address="local", runtime_env=env, include_dashboard=False, log_to_driver=True)
-    return True
-
-
 def run_train(cfg: Config, *, replan: bool = False) -> dict:
     """Train (or resume) the run in ``cfg.run_dir``; returns the final reported metrics.
 
@@ -157,6 +136,7 @@ def run_train(cfg: Config, *, replan: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from llara_dist.ray_session import connect_ray
     from llara_dist.train.paths import check_paths_on_nodes, resolve_paths
     from llara_dist.train.worker import train_loop_per_worker
 
@@ -169,7 +149,7 @@ def run_train(cfg: Config, *, replan: bool = False) -> dict:
     print(f"llara-dist train: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), run dir {plan.run_dir}",
           flush=True)
 
-    started = _connect_ray(cfg)
+    started = connect_ray(cfg)
     try:
         check_paths_on_nodes(cfg, relative)  # seconds, before any worker group starts
         item_table = ray.put(table)  # once; every worker maps the same shared-memory copy

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from llara_dist.errors import ConfigError
+from llara_dist.ray_session import connect_ray, worker_env
 from llara_dist.train.paths import check_paths_on_nodes, resolve_paths, worker_paths
 from tests.conftest import tiny_config
 
@@ -23,6 +24,12 @@ def test_relative_paths_are_resolved_once_on_the_driver(tmp_path, monkeypatch):
     assert worker_paths(cfg) == {"data.shards": str(tmp_path / "shards/x/meta.json"), "run_dir": str(tmp_path / "runs/a")}
 
 
+def test_local_ray_workers_get_the_cpu_environment():
+    cpu, gpu = worker_env(tiny_config()), worker_env(tiny_config("scaling.use_gpu=true"))
+    assert cpu["DS_ACCELERATOR"] == "cpu" and "DS_ACCELERATOR" not in gpu
+    assert cpu["TOKENIZERS_PARALLELISM"] == gpu["TOKENIZERS_PARALLELISM"] == "false"
+
+
 @pytest.mark.slow
 def test_a_path_missing_on_the_nodes_fails_up_front_naming_the_key(tiny_shards, tmp_path):
     import ray
@@ -31,7 +38,10 @@ def test_a_path_missing_on_the_nodes_fails_up_front_naming_the_key(tiny_shards, 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:
-        ray.init(address=cluster.address)
+        # The one way every command joins Ray: by the configured address, started here by no one else.
+        joined = tiny_config(f"ray.address={cluster.address}")
+        assert connect_ray(joined) is True and ray.get_runtime_context().gcs_address == cluster.address
+        assert connect_ray(joined) is False  # already connected: the caller must not shut it down
         cluster.wait_for_nodes()
         (tmp_path / "run").mkdir()
         good, _ = resolve_paths(tiny_config(f"data.shards={tiny_shards}", f"run_dir={tmp_path / 'run'}"))
