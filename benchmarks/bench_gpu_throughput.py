@@ -31,6 +31,15 @@ from _models import bench_titles, random_model_overrides
 from _timing import write_rows
 
 
+def _free_port() -> int:
+    # A fixed default port collides with any other process group on the machine (EADDRINUSE).
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/tiny.yaml")
@@ -63,7 +72,7 @@ def main() -> None:
     from llara_dist.train.ds_config import build_ds_config
 
     for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                         ("MASTER_PORT", "29517")):
+                         ("MASTER_PORT", str(_free_port()))):
         os.environ.setdefault(var, default)
     deepspeed.init_distributed(dist_backend="nccl" if a.device == "cuda" else "gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
