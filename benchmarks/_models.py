@@ -53,3 +53,13 @@ def random_model_overrides(preset: str, root: str | Path, dtype: str) -> list[st
     path = config_only_checkout(preset, root)
     return [f"model.name_or_path={path}", "model.random_init=true", f"model.dtype={dtype}",
             "model.attn_implementation=sdpa"]
+
+
+def bench_model_overrides(preset: str | None, root: str | Path, dtype: str, hidden: int, layers: int) -> list[str]:
+    """Overrides for a benchmark's model: ``preset`` with random weights, or the tiny preset at
+    ``hidden`` x ``layers`` (64-wide heads, 4x MLP, a 4k-token vocabulary)."""
+    if preset:
+        return random_model_overrides(preset, root, dtype)
+    return [f"model.tiny.hidden_size={hidden}", f"model.tiny.num_hidden_layers={layers}",
+            f"model.tiny.num_attention_heads={max(1, hidden // 64)}", f"model.tiny.intermediate_size={4 * hidden}",
+            "model.tiny.vocab_size=4096", f"model.dtype={dtype}"]

@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 import torch
-from _models import bench_titles, random_model_overrides
+from _models import bench_model_overrides, bench_titles
 from _timing import timed, write_rows
 
 
@@ -25,14 +25,7 @@ def _model(args, tmp: str):
     from llara_dist.config import load_config
     from llara_dist.model.llara import build_model, load_tokenizer
 
-    if args.preset:
-        cfg = load_config(None, random_model_overrides(args.preset, tmp, args.dtype))
-    else:
-        h = args.hidden
-        cfg = load_config(None, [f"model.tiny.hidden_size={h}", f"model.tiny.num_hidden_layers={args.layers}",
-                                 f"model.tiny.num_attention_heads={max(1, h // 64)}",
-                                 f"model.tiny.intermediate_size={4 * h}", "model.tiny.vocab_size=4096",
-                                 f"model.dtype={args.dtype}"])
+    cfg = load_config(None, bench_model_overrides(args.preset, tmp, args.dtype, args.hidden, args.layers))
     titles = bench_titles(800)
     tok = load_tokenizer(cfg.model, titles)
     with torch.device(args.device):  # a random 7B initialises in seconds on the GPU

@@ -47,10 +47,29 @@ def submit_job(cmd: list[str], env: dict, timeout: float = 600, **kwargs) -> sub
         time.sleep(3)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+def stop_process_trees(procs: list[subprocess.Popen]) -> None:
+    """Exactly the processes a test started (`ray start --block` and their trees), never `ray stop`."""
     import psutil
 
+    tree = []
+    for proc in procs:
+        if proc.poll() is None:
+            tree += [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture
+def ray_head(tmp_path):
     gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = _free_ports(9)
     lo = _free_ports(1)[0]
     temp_dir = Path("/tmp") / f"llara-ray-{os.getpid()}-{lo}"  # short: Ray's socket paths must fit
@@ -78,20 +97,7 @@ def ray_head(tmp_path):
             time.sleep(2)
         yield address, env
     finally:
-        # Exactly the processes this fixture started: the `ray start --block` process and its tree.
-        procs = [psutil.Process(head.pid)] + psutil.Process(head.pid).children(recursive=True) \
-            if head.poll() is None else []
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        stop_process_trees([head])
         head.wait(timeout=30)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.test_job_submit import _free_ports, _ray_bin, submit_job
+from tests.train.test_job_submit import _free_ports, _ray_bin, stop_process_trees, submit_job
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,26 +35,6 @@ def _node_ports() -> list[str]:
     return [f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
             f"--runtime-env-agent-port={rt_env}", f"--min-worker-port={lo}", f"--max-worker-port={lo + 100}"]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    import psutil
-
-    tree = []
-    for proc in procs:
-        if proc.poll() is None:
-            tree += [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    for p in tree:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 @pytest.fixture
@@ -85,7 +65,7 @@ def two_node_cluster(tmp_path):
             time.sleep(2)
         yield address, env
     finally:
-        _stop(procs[::-1])
+        stop_process_trees(procs[::-1])
 
 
 def test_readme_tiny_job_on_two_nodes_checkpoints_and_resumes(two_node_cluster, tiny_shards, tiny_rec, tmp_path):
