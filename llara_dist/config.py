@@ -52,6 +52,9 @@ class PrepareConfig(_Section):
     compression: Literal["none", "gzip"] = "none"  # gzip: .tar.gz shards (WebDataset reads them as is)
     workers: int = Field(1, ge=1)  # local engine: processes writing shards (output identical for any value)
     engine: Literal["local", "ray", "auto"] = "auto"  # auto: ray when connected to a multi-node cluster
+    # Where the on-disk sort spills (the log by user, the samples by order; ~16 bytes per interaction
+    # plus ~(20 + 4 x history_len) bytes per sample, freed as shards are written). Default: $TMPDIR.
+    tmp_dir: str | None = None
     domain: Literal["movie", "game", "artist"] | None = None  # default: from the source
     seed: int = 0  # fixes the synthetic data and the valid/test candidates
 

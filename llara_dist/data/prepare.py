@@ -1,14 +1,21 @@
 """`llara-dist prepare`: raw interactions -> seeded samples -> WebDataset shards + meta.json.
 
-Columnar and streaming: the log is read by Arrow into two flat arrays (items grouped by user, and
-per-user offsets; see `Interactions`), a split is one int64 array of target positions, and each shard
-is built from its slice of that array, written and forgotten. Memory is the per-user arrays plus
-8-16 bytes per sample of index, never a Python object per sample.
+Out of core, in three passes, so memory does not grow with the log (only the per-user and per-item
+arrays do):
 
-Each shard is a pure function of (the arrays, its slice of targets, the seed): its valid/test
-candidates come from a per-sample RNG keyed by the sample key, so shards can be written in any
-order, by any number of processes (`prepare.workers`) or Ray tasks (`--engine ray`), with the same
-bytes.
+1. **Read** (`sources`): Arrow reads the log in batches; rows are spilled to disk partitioned by
+   user as compact (user, item, time) records.
+2. **Samples**: one partition at a time is sorted into users' sequences, and every sample is built
+   vectorised as a fixed-size record (`samples.record_dtype`: user, target position, target,
+   history). Train records are spilled to buckets by the top bits of a seeded per-sample shuffle
+   key (`samples.shuffle_keys`), valid/test records to buckets by user range.
+3. **Shards**: bucket by bucket, records are sorted (train: by key; valid/test: by user) and cut
+   into shards of `samples_per_shard`, which are encoded, hashed and written, by
+   `prepare.workers` forked processes.
+
+Every stored byte is a pure function of (the log, the settings, the seed): the order is a sort by
+per-sample keys, valid/test candidates come from a per-sample RNG keyed by the sample key, so the
+output is the same for any number of partitions, buckets, processes or Ray tasks (`--engine ray`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import tempfile
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,30 +34,37 @@ import numpy as np
 from tqdm import tqdm
 
 from llara_dist.config import Config, PrepareConfig
-from llara_dist.data.samples import (SPLITS, dedup_sequences, eval_candidates, split_positions,
-                                     target_in_history, windows)
+from llara_dist.data.samples import SPLITS, chunk_samples, eval_candidates, record_dtype
 from llara_dist.data.shards import COMPRESSIONS, SCHEMA_VERSION, compress_shard, sha256_bytes, shard_name, tar_members
-from llara_dist.data.sources import Interactions, generate_synthetic, load_grouplens, load_recbole, load_tabular
+from llara_dist.data.sources import (Interactions, SpilledLog, generate_synthetic, load_grouplens, load_recbole,
+                                     load_tabular)
+from llara_dist.data.spill import Spill, power_of_two_at_least, top_bits_bucket
 from llara_dist.errors import DataError
 
 # Settings added after schema 1 enter the fingerprint only when they differ from these defaults,
 # so a default prepare keeps the fingerprint (and the shards) it had before they existed.
 _NEW_SETTING_DEFAULTS = {"dedup": "none", "negatives": "unseen", "compression": "none"}
+# Bucket sizes of the sample spills: a bucket is sorted in memory (~60 bytes per record).
+_TRAIN_BUCKET_RECORDS = 1 << 19
+_EVAL_BUCKET_USERS = 1 << 18
+
+Log = Interactions | SpilledLog
 
 
-def load_source(p: PrepareConfig) -> Interactions:
+def load_source(p: PrepareConfig, tmp: Path) -> Log:
+    """The log of `p.format`: in memory (synthetic) or spilled to partitions under `tmp`."""
     if p.format == "synthetic":
         return generate_synthetic(p.users, p.items, p.seed)
     if not p.input:
         raise DataError(f"prepare.input: --format {p.format} needs --input PATH")
     if p.format == "recbole":
-        return load_recbole(p.input, drop_unknown=p.drop_unknown, item_field=p.item_field,
+        return load_recbole(p.input, tmp, drop_unknown=p.drop_unknown, item_field=p.item_field,
                             title_field=p.title_field, user_field=p.user_field, time_field=p.time_field)
     if p.format in ("parquet", "csv"):
-        return load_tabular(p.input, p.format, drop_unknown=p.drop_unknown, user_field=p.user_field,
+        return load_tabular(p.input, p.format, tmp, drop_unknown=p.drop_unknown, user_field=p.user_field,
                             item_field=p.item_field, time_field=p.time_field, title_field=p.title_field,
                             domain=p.domain or "movie")
-    return load_grouplens(p.input, drop_unknown=p.drop_unknown)
+    return load_grouplens(p.input, tmp, drop_unknown=p.drop_unknown)
 
 
 def _items_jsonl(titles: list[str]) -> bytes:
@@ -62,15 +79,85 @@ def _fingerprint(items: bytes, shards: dict, settings: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# One shard: a pure function of the arrays and its slice of targets
+# Pass 2: every sample as a record, spilled to sort buckets
+
+
+@dataclass
+class Samples:
+    """The samples of a prepare, spilled and ready to be written in order."""
+
+    spills: dict[str, Spill]
+    dropped: dict[str, int]
+    removed_repeats: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: int(self.spills[s].counts.sum()) for s in SPLITS}
+
+
+def spill_samples(data: Log, p: PrepareConfig, tmp: Path) -> Samples:
+    """Build every sample of `data` chunk by chunk and spill it to its sort bucket under `tmp`."""
+    need = p.num_candidates - 1
+    if p.negatives == "any" and len(data.titles) - 1 < need:
+        raise DataError(f"num_candidates={p.num_candidates} needs {need} negatives but only "
+                        f"{len(data.titles) - 1} items are not the target")
+    dtype = record_dtype(p.history_len)
+    train_buckets = power_of_two_at_least(data.n_interactions / _TRAIN_BUCKET_RECORDS)
+    eval_buckets = data.n_users // _EVAL_BUCKET_USERS + 1
+    spills = {"train": Spill(tmp, "train", dtype, train_buckets), "valid": Spill(tmp, "valid", dtype, eval_buckets),
+              "test": Spill(tmp, "test", dtype, eval_buckets)}
+    dropped = {"short_history_samples": 0, "users_without_test_sample": 0}
+    removed = 0
+    for chunk in data.chunks():
+        cs = chunk_samples(chunk, history_len=p.history_len, min_history=p.min_history, dedup=p.dedup, seed=p.seed)
+        train = cs.records["train"]
+        spills["train"].append(top_bits_bucket(train["key"], train_buckets), train)
+        for split in ("valid", "test"):
+            rec = cs.records[split]
+            spills[split].append(rec["user"] // _EVAL_BUCKET_USERS, rec)
+        for k, v in cs.dropped.items():
+            dropped[k] += v
+        removed += cs.removed_repeats
+    samples = Samples(spills, dropped, removed)
+    if not samples.counts["test"]:
+        raise DataError(f"prepare: no user has more than min_history={p.min_history} interactions; "
+                        "nothing to train or evaluate on")
+    return samples
+
+
+def ordered_shards(spill: Spill, split: str, samples_per_shard: int) -> Iterator[np.ndarray]:
+    """A split's records in stored order, cut into shards: one bucket in memory at a time.
+
+    Train is sorted by shuffle key (ties by user, position: a total order), valid/test by user;
+    since buckets hold increasing key (user) ranges, the concatenation is the global order.
+    """
+    S = samples_per_shard
+    carry = np.zeros(0, dtype=spill.dtype)
+    for b in range(spill.buckets):
+        rec = spill.read(b)
+        spill.drop(b)
+        if split == "train":
+            rec = rec[np.lexsort((rec["pos"], rec["user"], rec["key"]))]
+        else:
+            rec = rec[np.argsort(rec["user"], kind="stable")]
+        if len(carry):
+            rec = np.concatenate([carry, rec])
+        full = len(rec) // S * S
+        for a in range(0, full, S):
+            yield rec[a:a + S]
+        carry = rec[full:]
+    if len(carry):
+        yield carry
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 3: one shard, a pure function of its records
 
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What every shard writer shares (the big arrays travel once: fork, or Ray's object store)."""
+    """What every shard writer shares (small: it travels with each task)."""
 
-    items: np.ndarray
-    offsets: np.ndarray
     n_items: int
     history_len: int
     num_candidates: int
@@ -78,23 +165,27 @@ class ShardSpec:
     negatives: str
     compression: str
 
+    @classmethod
+    def of(cls, p: PrepareConfig, n_items: int) -> "ShardSpec":
+        return cls(n_items=n_items, history_len=p.history_len, num_candidates=p.num_candidates, seed=p.seed,
+                   negatives=p.negatives, compression=p.compression)
 
-def shard_file(spec: ShardSpec, split: str, targets: np.ndarray) -> tuple[bytes, dict[str, int]]:
-    """(file bytes, repeat statistics) of one shard holding the samples whose targets are `targets`.
+
+def shard_file(spec: ShardSpec, split: str, records: np.ndarray) -> tuple[bytes, dict[str, int]]:
+    """(file bytes, repeat statistics) of one shard holding `records` in order.
 
     The JSON is formatted by hand for speed; it is exactly ``json.dumps(sample, separators=(",", ":"))``
     of ``{"key", "user", "history", "target"[, "candidates"]}`` (a test checks against that).
     """
     H = spec.history_len
-    users, hist, lens = windows(spec.items, spec.offsets, targets, H)
-    positions = (targets - spec.offsets[users]).tolist()
-    target_ids = spec.items[targets]
+    hist, target_ids = records["hist"], records["target"]
+    lens = (hist >= 0).sum(axis=1)  # histories are left-padded with -1
     in_history = (hist == target_ids[:, None]).any(axis=1)
     stats = {"target_in_history": int(in_history.sum()), "shortcut": 0}
     members = []
     with_candidates = split != "train"
-    for u, pos, t, h, n, rep in zip(users.tolist(), positions, target_ids.tolist(), hist.tolist(), lens.tolist(),
-                                    in_history.tolist()):
+    for u, pos, t, h, n, rep in zip(records["user"].tolist(), records["pos"].tolist(), target_ids.tolist(),
+                                    hist.tolist(), lens.tolist(), in_history.tolist()):
         key = f"u{u}-t{pos}"
         history = h[H - n:]
         body = f'{{"key":"{key}","user":{u},"history":[{",".join(map(str, history))}],"target":{t}'
@@ -111,12 +202,12 @@ def shard_file(spec: ShardSpec, split: str, targets: np.ndarray) -> tuple[bytes,
     return compress_shard(tar_members(members), spec.compression), stats
 
 
-def write_shard(spec: ShardSpec, out: str, split: str, index: int, targets: np.ndarray) -> tuple[dict, dict]:
+def write_shard(spec: ShardSpec, out: str, split: str, index: int, records: np.ndarray) -> tuple[dict, dict]:
     """Write one shard under `out` (a local path or a pyarrow.fs URI); (meta entry, stats)."""
-    data, stats = shard_file(spec, split, targets)
+    data, stats = shard_file(spec, split, records)
     name = shard_name(split, index, spec.compression)
     write_bytes(out, name, data)
-    return {"name": name, "sha256": sha256_bytes(data), "samples": int(len(targets))}, stats
+    return {"name": name, "sha256": sha256_bytes(data), "samples": int(len(records))}, stats
 
 
 def write_bytes(out: str, name: str, data: bytes) -> None:
@@ -131,57 +222,6 @@ def write_bytes(out: str, name: str, data: bytes) -> None:
         Path(out, name).write_bytes(data)
 
 
-# Fork-shared state of the local process pool (set before the pool starts; read-only in workers).
-_SPEC: ShardSpec | None = None
-
-
-def _pool_write(task: tuple[str, str, int, np.ndarray]) -> tuple[dict, dict]:
-    out, split, index, targets = task
-    assert _SPEC is not None
-    return write_shard(_SPEC, out, split, index, targets)
-
-
-# ----------------------------------------------------------------------------------------------
-# The plan shared by both engines
-
-
-@dataclass
-class Plan:
-    spec: ShardSpec
-    index: dict[str, np.ndarray]  # per split: target positions in stored order
-    dropped: dict[str, int]
-    removed_repeats: int
-    samples_per_shard: int
-
-    def tasks(self, out: str) -> list[tuple[str, str, int, np.ndarray]]:
-        S = self.samples_per_shard
-        return [(out, split, k, self.index[split][a:a + S])
-                for split in SPLITS for k, a in enumerate(range(0, len(self.index[split]), S))]
-
-
-def plan(data: Interactions, p: PrepareConfig) -> Plan:
-    """Dedup, split and order the samples: cheap vectorised work, done once on the driver."""
-    items, offsets, removed = dedup_sequences(data.items, data.offsets, p.dedup)
-    index, dropped = split_positions(offsets, history_len=p.history_len, min_history=p.min_history)
-    if not len(index["test"]):
-        raise DataError(f"prepare: no user has more than min_history={p.min_history} interactions; "
-                        "nothing to train or evaluate on")
-    need = p.num_candidates - 1
-    if p.negatives == "any" and len(data.titles) - 1 < need:
-        raise DataError(f"num_candidates={p.num_candidates} needs {need} negatives but only "
-                        f"{len(data.titles) - 1} items are not the target")
-    # Train samples are stored in a seeded random order, so that a shard (and the stream's shuffle
-    # buffer) mixes many users; valid/test stay in user order. (The same permutation as before the
-    # columnar rewrite, so a default prepare writes the same bytes.)
-    order = np.random.default_rng([p.seed & 0xFFFFFFFF, 7]).permutation(len(index["train"]))
-    index["train"] = index["train"][order]
-    del order
-    spec = ShardSpec(items=items, offsets=offsets, n_items=len(data.titles), history_len=p.history_len,
-                     num_candidates=p.num_candidates, seed=p.seed, negatives=p.negatives,
-                     compression=p.compression)
-    return Plan(spec, index, dropped, removed, p.samples_per_shard)
-
-
 def clean_stale(out: Path) -> None:
     """Never leave shards of an earlier prepare next to the new ones."""
     for suffix in COMPRESSIONS.values():
@@ -190,31 +230,41 @@ def clean_stale(out: Path) -> None:
                 stale.unlink()
 
 
-def write_local(pl: Plan, out: Path, workers: int, progress: bool) -> list[tuple[dict, dict]]:
-    global _SPEC
-    tasks = pl.tasks(str(out))
-    total = sum(len(t[3]) for t in tasks)
-    results = []
-    with tqdm(total=total, desc="writing shards", unit="sample", disable=not progress, leave=False) as bar:
-        if workers <= 1 or len(tasks) <= 1:
-            for t in tasks:
-                results.append(write_shard(pl.spec, *t))
-                bar.update(len(t[3]))
-        else:
-            # fork: the workers share the arrays copy-on-write; imap keeps the shard order.
-            _SPEC = pl.spec
-            try:
-                ctx = multiprocessing.get_context("fork")
-                with ctx.Pool(min(workers, len(tasks))) as pool:
-                    for r in pool.imap(_pool_write, tasks, chunksize=1):
-                        results.append(r)
-                        bar.update(r[0]["samples"])
-            finally:
-                _SPEC = None
+def shard_tasks(samples: Samples, samples_per_shard: int) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(split, shard index, records) of every shard, in meta.json's order."""
+    for split in SPLITS:
+        for k, records in enumerate(ordered_shards(samples.spills[split], split, samples_per_shard)):
+            yield split, k, records
+
+
+def write_local(samples: Samples, spec: ShardSpec, out: Path, samples_per_shard: int, pool, workers: int,
+                progress: bool) -> list[tuple[dict, dict]]:
+    """Write every shard in order; with a pool, a bounded number of shards in flight (memory stays
+    a few shards per worker, whatever the data size)."""
+    results: list[tuple[dict, dict]] = []
+    with tqdm(total=sum(samples.counts.values()), desc="writing shards", unit="sample", disable=not progress,
+              leave=False) as bar:
+        pending: deque = deque()
+
+        def collect() -> None:
+            r = pending.popleft().get()
+            results.append(r)
+            bar.update(r[0]["samples"])
+
+        for split, k, records in shard_tasks(samples, samples_per_shard):
+            if pool is None:
+                results.append(write_shard(spec, str(out), split, k, records))
+                bar.update(len(records))
+                continue
+            pending.append(pool.apply_async(write_shard, (spec, str(out), split, k, records)))
+            if len(pending) >= 3 * workers:
+                collect()
+        while pending:
+            collect()
     return results
 
 
-def finish(data: Interactions, p: PrepareConfig, pl: Plan, results: list[tuple[dict, dict]],
+def finish(data: Log, p: PrepareConfig, samples: Samples, results: list[tuple[dict, dict]],
            write: callable) -> dict:
     """items.jsonl and meta.json from the shard results (in task order); returns the meta."""
     shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -231,7 +281,7 @@ def finish(data: Interactions, p: PrepareConfig, pl: Plan, results: list[tuple[d
                 "history_len": p.history_len, "min_history": p.min_history,
                 "num_candidates": p.num_candidates, "seed": p.seed}
     settings.update({k: getattr(p, k) for k, v in _NEW_SETTING_DEFAULTS.items() if getattr(p, k) != v})
-    counts = {s: len(pl.index[s]) for s in SPLITS}
+    counts = {s: sum(e["samples"] for e in shards[s]) for s in SPLITS}
     meta = {
         "schema_version": SCHEMA_VERSION,
         **settings,
@@ -241,22 +291,22 @@ def finish(data: Interactions, p: PrepareConfig, pl: Plan, results: list[tuple[d
         "n_users": data.n_users,
         "counts": counts,
         "shards": shards,
-        "filtered": {**data.filtered, **pl.dropped},
+        "filtered": {**data.filtered, **samples.dropped},
         # Items repeating another item's title: generated text naming such a title is ambiguous.
         "duplicate_titles": len(data.titles) - len(set(data.titles)),
-        "repeats": _repeat_report(p, pl, repeats, counts),
+        "repeats": _repeat_report(p, samples.removed_repeats, repeats, counts),
         "fingerprint": _fingerprint(items, shards, settings),
     }
     write("meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
 
-def _repeat_report(p: PrepareConfig, pl: Plan, repeats: dict, counts: dict) -> dict:
+def _repeat_report(p: PrepareConfig, removed_repeats: int, repeats: dict, counts: dict) -> dict:
     """How often the target is also in its own history, and for valid/test how often it is the ONLY
     candidate in the history (with negatives=unseen, always when it is in the history: a shortcut a
     model can learn from the prompt alone). Train candidates are drawn at stream time from the same
     rule, so with negatives=unseen every train sample with its target in the history is a shortcut."""
-    report = {"dedup": p.dedup, "removed_interactions": pl.removed_repeats, "negatives": p.negatives}
+    report = {"dedup": p.dedup, "removed_interactions": removed_repeats, "negatives": p.negatives}
     for s in SPLITS:
         n = counts[s]
         r = repeats[s]
@@ -269,13 +319,32 @@ def _repeat_report(p: PrepareConfig, pl: Plan, repeats: dict, counts: dict) -> d
     return report
 
 
-def prepare_shards(data: Interactions, p: PrepareConfig, out: Path, *, progress: bool = True) -> dict:
-    """Split, draw the fixed valid/test candidates, write shards and meta.json; returns the meta."""
-    pl = plan(data, p)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    results = write_local(pl, out, p.workers, progress)
-    return finish(data, p, pl, results, lambda name, b: (out / name).write_bytes(b))
+def _pool(workers: int):
+    """Shard-writing processes, forked while the parent is small (before any bucket is loaded)."""
+    if workers <= 1:
+        return None
+    return multiprocessing.get_context("fork").Pool(workers)
+
+
+def prepare_shards(data: Log, p: PrepareConfig, out: Path, *, tmp: Path | None = None,
+                   progress: bool = True) -> dict:
+    """Build the samples, draw the fixed valid/test candidates, write shards and meta.json; returns
+    the meta. `tmp` holds the sample spills (default: a temporary directory under `prepare.tmp_dir`)."""
+    if tmp is None:
+        with tempfile.TemporaryDirectory(prefix="llara-prepare-", dir=p.tmp_dir) as t:
+            return prepare_shards(data, p, out, tmp=Path(t), progress=progress)
+    pool = _pool(p.workers)
+    try:
+        samples = spill_samples(data, p, tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
+        results = write_local(samples, ShardSpec.of(p, len(data.titles)), out, p.samples_per_shard, pool, p.workers,
+                              progress)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return finish(data, p, samples, results, lambda name, b: (out / name).write_bytes(b))
 
 
 def _summary(meta: dict, out: Path | str) -> str:
@@ -321,7 +390,8 @@ def run_prepare(cfg: Config) -> Path | str:
         out: Path | str = p.out
     else:
         out = Path(p.out)
-        data = load_source(p)
-        meta = prepare_shards(data, p, out)
+        with tempfile.TemporaryDirectory(prefix="llara-prepare-", dir=p.tmp_dir) as tmp:
+            data = load_source(p, Path(tmp))
+            meta = prepare_shards(data, p, out, tmp=Path(tmp))
     print(f"prepared {out}:\n{_summary(meta, out)}")
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -76,6 +77,73 @@ def split_positions(offsets: np.ndarray, *, history_len: int,
     dropped = {"short_history_samples": int(np.maximum(n - 1, 0).sum()) - kept,
                "users_without_test_sample": int((n - 1 < min_history).sum())}
     return out, dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples as fixed-size records: what `prepare` spills to disk and writes into shards
+
+
+def record_dtype(history_len: int) -> np.dtype:
+    """One sample: its shuffle key, user, target position, target and left-padded (-1) history."""
+    return np.dtype([("key", "<u8"), ("user", "<i4"), ("pos", "<i4"), ("target", "<i4"),
+                     ("hist", "<i4", (history_len,))])
+
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 whose outputs look uniform."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def shuffle_keys(seed: int, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The stored order of train samples: sorting by this key (ties by user, position) is a seeded
+    shuffle that is a pure function of each sample, so it can be computed in any number of pieces
+    (the partitions of an external sort, Ray tasks) and sorted bucket by bucket."""
+    with np.errstate(over="ignore"):
+        salt = _mix64(np.array([_seed_words(seed)], dtype=np.uint64) + _GOLD)[0]
+        ids = (users.astype(np.uint64) << np.uint64(32)) | positions.astype(np.uint64)
+        return _mix64(ids ^ salt)
+
+
+@dataclass(frozen=True)
+class UserChunk:
+    """Some users' sequences: ``items[offsets[k]:offsets[k + 1]]`` is user ``users[k]``'s (dense id)."""
+
+    users: np.ndarray
+    offsets: np.ndarray
+    items: np.ndarray
+
+
+@dataclass
+class ChunkSamples:
+    records: dict[str, np.ndarray]  # per split, `record_dtype` records
+    dropped: dict[str, int]
+    removed_repeats: int
+
+
+def chunk_samples(chunk: UserChunk, *, history_len: int, min_history: int, dedup: str,
+                  seed: int) -> ChunkSamples:
+    """Every sample of a chunk of users as records (vectorised: windows by fancy indexing)."""
+    items, offsets, removed = dedup_sequences(chunk.items, chunk.offsets, dedup)
+    index, dropped = split_positions(offsets, history_len=history_len, min_history=min_history)
+    dtype = record_dtype(history_len)
+    records = {}
+    for split, targets in index.items():
+        local, hist, _ = windows(items, offsets, targets, history_len)
+        rec = np.empty(len(targets), dtype=dtype)
+        rec["user"] = chunk.users[local]
+        rec["pos"] = targets - offsets[local]
+        rec["target"] = items[targets]
+        rec["hist"] = hist
+        rec["key"] = shuffle_keys(seed, rec["user"], rec["pos"]) if split == "train" else 0
+        records[split] = rec
+    return ChunkSamples(records, dropped, removed)
 
 
 def users_of(offsets: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from llara_dist.data.samples import UserChunk
+from llara_dist.data.spill import Spill
 from llara_dist.errors import DataError
 
 
@@ -57,6 +59,27 @@ class Interactions:
     @property
     def n_users(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def n_interactions(self) -> int:
+        return len(self.items)
+
+    def pieces(self) -> Iterator[UserChunk]:
+        return self.chunks()
+
+    @staticmethod
+    def piece_chunk(chunk: UserChunk) -> UserChunk:
+        return chunk
+
+    def chunks(self, rows: int = 1 << 20) -> Iterator[UserChunk]:
+        """Runs of consecutive users of about `rows` interactions each (the shape `prepare` consumes)."""
+        a = 0
+        while a < self.n_users:
+            b = max(a + 1, int(np.searchsorted(self.offsets, self.offsets[a] + rows, side="right")) - 1)
+            b = min(b, self.n_users)
+            o = self.offsets[a:b + 1]
+            yield UserChunk(np.arange(a, b), o - o[0], self.items[o[0]:o[-1]])
+            a = b
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -117,76 +140,129 @@ class _Ids:
         return list(self.index)
 
 
-@dataclass
-class _Log:
-    """The interaction columns, accumulated batch by batch as compact arrays (no strings kept)."""
+_ROW = np.dtype([("user", "<i4"), ("item", "<i4"), ("time", "<f8")])
+_PARTITION_BYTES = 8 << 20  # input bytes per on-disk partition of the log (about 0.5M text rows)
 
-    users: _Ids = field(default_factory=_Ids)
-    items: _Ids = field(default_factory=_Ids)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-    rows: int = 0
+
+def partitions_for(paths: list[Path]) -> int:
+    """How many on-disk partitions a log of these files is split into: enough that one partition
+    (sorted in memory) stays small whatever the log's size. The output does not depend on it."""
+    size = sum(p.stat().st_size for p in paths)
+    return max(1, min(1024, size // _PARTITION_BYTES))
+
+
+class _Log:
+    """The interaction columns, fed batch by batch and spilled to disk partitioned by user.
+
+    Rows go to ``user code % partitions`` as compact (user code, item code, time) records, so one
+    partition holds every row of its users, in input order. Memory is the id dictionaries and a
+    few per-item counters, never a per-row array.
+    """
+
+    def __init__(self, tmp: Path, partitions: int) -> None:
+        self.users, self.items = _Ids(), _Ids()
+        self.spill = Spill(tmp, "log", _ROW, partitions)
+        self.rows = 0
+        self.item_count = np.zeros(0, dtype=np.int64)
+        self.item_first_row = np.zeros(0, dtype=np.int64)  # each item's first row (input order)
 
     def add(self, users: pa.Array, items: pa.Array, times: np.ndarray) -> np.ndarray:
         """Append a batch; returns its item codes (for first-row titles)."""
+        seen = len(self.items.index)
         item_codes = self.items.encode(items)
-        self.parts.append((self.users.encode(users), item_codes, times))
+        user_codes = self.users.encode(users)
+        n_items = len(self.items.index)
+        if n_items > seen:
+            first = np.full(n_items - seen, -1, dtype=np.int64)
+            new = np.flatnonzero(item_codes >= seen)
+            codes, at = np.unique(item_codes[new], return_index=True)
+            first[codes - seen] = new[at] + self.rows
+            self.item_first_row = np.concatenate([self.item_first_row, first])
+            self.item_count = np.concatenate([self.item_count, np.zeros(n_items - seen, dtype=np.int64)])
+        self.item_count += np.bincount(item_codes, minlength=n_items)
+        rec = np.empty(len(times), dtype=_ROW)
+        rec["user"], rec["item"], rec["time"] = user_codes, item_codes, times
+        self.spill.append(user_codes % self.spill.buckets, rec)
         self.rows += len(times)
         return item_codes
 
-    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        cols = tuple(np.concatenate([p[k] for p in self.parts]) if self.parts else np.zeros(0, dt)
-                     for k, dt in enumerate((np.int32, np.int32, np.float64)))
-        self.parts = []
-        return cols
 
-
-def _dense(codes: np.ndarray, raw: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Renumber `codes` densely over the values that occur, in `_sorted_raw_ids` order."""
-    present = np.flatnonzero(np.bincount(codes, minlength=len(raw)))
-    ordered = _sorted_raw_ids(raw[c] for c in present.tolist())
+def _dense(present: np.ndarray, raw: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Code -> dense id over the `present` codes, in `_sorted_raw_ids` order (-1 where absent)."""
+    codes = np.flatnonzero(present)
+    ordered = _sorted_raw_ids(raw[c] for c in codes.tolist())
     rank = {r: i for i, r in enumerate(ordered)}
     remap = np.full(len(raw), -1, dtype=np.int32)
-    remap[present] = [rank[raw[c]] for c in present.tolist()]
-    return remap[codes], ordered
+    remap[codes] = [rank[raw[c]] for c in codes.tolist()]
+    return remap, ordered
+
+
+@dataclass
+class SpilledLog:
+    """A read log, still on disk: partitions of (user code, item code, time) rows plus the maps from
+    codes to dense ids. `chunks()` sorts one partition at a time into users' sequences."""
+
+    source: str
+    domain: str
+    titles: list[str]  # index = dense item id
+    spill: Spill
+    user_remap: np.ndarray  # user code -> dense id (-1: every row of the user was dropped)
+    item_remap: np.ndarray  # item code -> dense id (-1: no title, dropped)
+    n_users: int
+    n_interactions: int  # rows read, dropped ones included
+    filtered: dict[str, int] = field(default_factory=dict)
+
+    def pieces(self) -> Iterator[np.ndarray]:
+        """The partitions' raw rows, one at a time (what a Ray task turns into a chunk)."""
+        for b in range(self.spill.buckets):
+            yield self.spill.read(b)
+
+    def piece_chunk(self, rows: np.ndarray) -> UserChunk:
+        """One partition's rows -> its users' time-ordered sequences (dropped rows removed)."""
+        items = self.item_remap[rows["item"]]
+        keep = items >= 0
+        if not keep.all():
+            rows, items = rows[keep], items[keep]
+        users = self.user_remap[rows["user"]]
+        order = np.lexsort((rows["time"], users))  # by user, then time; stable: ties keep input order
+        users, items = users[order], items[order]
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
+        return UserChunk(users[starts], np.r_[starts, len(users)].astype(np.int64), items)
+
+    def chunks(self) -> Iterator[UserChunk]:
+        return (self.piece_chunk(rows) for rows in self.pieces())
 
 
 def build_interactions(source: str, domain: str, log: _Log, titles_by_raw: dict[str, str], *,
                        drop_unknown: bool, where: Callable[[int], str], missing_title: str,
-                       file: Path | str) -> Interactions:
-    """Rows (raw user, raw item, time) in input order -> `Interactions`.
+                       file: Path | str) -> SpilledLog:
+    """The read log -> dense ids: items and users numbered over the kept rows, in raw-id order.
 
-    Items without a title are an error naming ``where(row)`` unless `drop_unknown`. Dense ids are
-    given over the kept rows only. Each user's events are sorted by time with ties in input order
-    (a stable lexsort), so the result depends only on the rows, never on hashing or threads.
+    Items without a title are an error naming ``where(row)`` of the first such row unless
+    `drop_unknown`. Each user's events are sorted by time with ties in input order when the
+    partitions are read (`SpilledLog.chunks`), so the result depends only on the rows.
     """
     user_raw, item_raw = log.users.raw, log.items.raw
-    user_codes, item_codes, times = log.columns()
     known = np.fromiter((r in titles_by_raw for r in item_raw), dtype=bool, count=len(item_raw))
-    keep = known[item_codes] if len(item_raw) else np.zeros(0, dtype=bool)
-    dropped = int(len(keep) - keep.sum())
+    dropped = int(log.item_count[~known].sum())
     if dropped and not drop_unknown:
-        row = int(np.argmin(keep))
-        raise DataError(f"{where(row)}: item {item_raw[item_codes[row]]!r} has no title in {missing_title} "
-                        "(pass --drop-unknown to drop such interactions)")
-    if dropped:
-        item_codes, user_codes, times = item_codes[keep], user_codes[keep], times[keep]
-    del keep
-    if len(item_codes) == 0:
+        code = int(np.argmin(np.where(known, np.iinfo(np.int64).max, log.item_first_row)))
+        raise DataError(f"{where(int(log.item_first_row[code]))}: item {item_raw[code]!r} has no title in "
+                        f"{missing_title} (pass --drop-unknown to drop such interactions)")
+    if log.rows == dropped:
         raise DataError(f"{file}: no interactions")
-    dense_items, item_order = _dense(item_codes, item_raw)
-    del item_codes
-    dense_users, user_order = _dense(user_codes, user_raw)
-    del user_codes
-    order = np.lexsort((times, dense_users))  # by user, then time; stable, so ties keep input order
-    del times
-    seq_items = dense_items[order]
-    del order, dense_items
-    counts = np.bincount(dense_users, minlength=len(user_order))
-    offsets = np.zeros(len(user_order) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
+    item_remap, item_order = _dense(known & (log.item_count > 0), item_raw)
+    users_kept = np.ones(len(user_raw), dtype=bool)
+    if dropped:  # a user whose every row was dropped is no user: one pass over the partitions
+        users_kept[:] = False
+        for b in range(log.spill.buckets):
+            rows = log.spill.read(b)
+            users_kept[rows["user"][known[rows["item"]]]] = True
+    user_remap, user_order = _dense(users_kept, user_raw)
     titles = [titles_by_raw[r] for r in item_order]
-    return Interactions(source=source, domain=domain, titles=titles, items=seq_items.astype(np.int32, copy=False),
-                        offsets=offsets, filtered={"unknown_item_interactions": dropped})
+    return SpilledLog(source=source, domain=domain, titles=titles, spill=log.spill, user_remap=user_remap,
+                      item_remap=item_remap, n_users=len(user_order), n_interactions=log.rows,
+                      filtered={"unknown_item_interactions": dropped})
 
 
 def _numbers(column: pa.ChunkedArray | pa.Array, where: Callable[[int], str], field: str) -> np.ndarray:
@@ -259,14 +335,13 @@ def _delimited_batches(path: Path, names: list[str], columns: list[str], *, head
         raise DataError(f"{path}: not valid {encoding} ({e})") from None
 
 
-def _read_text_log(path: Path, names: list[str], cols: tuple[str, str, str], *, header_lines: int,
-                   encoding: str, describe: str, strip: bool = False) -> tuple[_Log, Callable[[int], str]]:
+def _read_text_log(log: _Log, path: Path, names: list[str], cols: tuple[str, str, str], *, header_lines: int,
+                   encoding: str, describe: str, strip: bool = False) -> Callable[[int], str]:
     """(user, item, time) columns of a tab-separated log, batch by batch; and `where(row)` -> file:line."""
 
     def where(row: int) -> str:
         return f"{path}:{_line_of_row(path, row, header_lines, encoding)}"
 
-    log = _Log()
     for batch in _delimited_batches(path, names, list(cols), header_lines=header_lines, encoding=encoding,
                                     describe=describe):
         u, i, t = (batch.column(c) for c in cols)
@@ -274,7 +349,7 @@ def _read_text_log(path: Path, names: list[str], cols: tuple[str, str, str], *, 
             u, i = pc.utf8_trim_whitespace(u), pc.utf8_trim_whitespace(i)
         base = log.rows
         log.add(u, i, _numbers(t, lambda r, base=base: where(base + r), "timestamp"))
-    return log, where
+    return where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,10 +411,11 @@ def _guess_domain(name: str) -> str:
     return "movie"
 
 
-def load_recbole(directory: str | Path, *, drop_unknown: bool = False, item_field: str | None = None,
+def load_recbole(directory: str | Path, tmp: Path, *, drop_unknown: bool = False, item_field: str | None = None,
                  title_field: str | None = None, user_field: str | None = None,
-                 time_field: str | None = None) -> Interactions:
-    """Read ``*.inter`` and ``*.item``; the ``*_field`` arguments override the detected columns."""
+                 time_field: str | None = None) -> SpilledLog:
+    """Read ``*.inter`` and ``*.item`` (spilling the log under `tmp`); the ``*_field`` arguments
+    override the detected columns."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: input directory not found")
@@ -372,8 +448,9 @@ def load_recbole(directory: str | Path, *, drop_unknown: bool = False, item_fiel
     u_col = names[_column(header, (user_field or "user_id",), inter_file, "user id")]
     i_col = names[_column(header, (item_field,), inter_file, "item id")]
     t_col = names[_column(header, (time_field or "timestamp",), inter_file, "timestamp")]
-    log, where = _read_text_log(inter_file, names, (u_col, i_col, t_col), header_lines=1, encoding="utf-8",
-                                describe=", ".join(header))
+    log = _Log(tmp, partitions_for([inter_file]))
+    where = _read_text_log(log, inter_file, names, (u_col, i_col, t_col), header_lines=1, encoding="utf-8",
+                           describe=", ".join(header))
     return build_interactions("recbole:" + inter_file.stem, _guess_domain(inter_file.stem), log, titles_by_raw,
                               drop_unknown=drop_unknown, where=where, missing_title="the item file",
                               file=inter_file)
@@ -383,7 +460,7 @@ def load_recbole(directory: str | Path, *, drop_unknown: bool = False, item_fiel
 # GroupLens MovieLens-100K
 
 
-def load_grouplens(directory: str | Path, *, drop_unknown: bool = False) -> Interactions:
+def load_grouplens(directory: str | Path, tmp: Path, *, drop_unknown: bool = False) -> SpilledLog:
     directory = Path(directory)
     data_file, item_file = directory / "u.data", directory / "u.item"
     for f in (data_file, item_file):
@@ -401,9 +478,10 @@ def load_grouplens(directory: str | Path, *, drop_unknown: bool = False) -> Inte
         if title:
             titles_by_raw[fields[0].strip()] = title
 
-    log, where = _read_text_log(data_file, ["user", "item", "rating", "timestamp"], ("user", "item", "timestamp"),
-                                header_lines=0, encoding="latin-1", describe="user, item, rating, timestamp",
-                                strip=True)
+    log = _Log(tmp, partitions_for([data_file]))
+    where = _read_text_log(log, data_file, ["user", "item", "rating", "timestamp"], ("user", "item", "timestamp"),
+                           header_lines=0, encoding="latin-1", describe="user, item, rating, timestamp",
+                           strip=True)
     return build_interactions("grouplens:ml-100k", "movie", log, titles_by_raw, drop_unknown=drop_unknown,
                               where=where, missing_title="the item file", file=data_file)
 
@@ -474,9 +552,9 @@ def _id_column(col: pa.Array, name: str, role: str, where: Callable[[int], str],
     return col
 
 
-def load_tabular(path: str | Path, fmt: str, *, drop_unknown: bool = False, user_field: str | None = None,
+def load_tabular(path: str | Path, fmt: str, tmp: Path, *, drop_unknown: bool = False, user_field: str | None = None,
                  item_field: str | None = None, time_field: str | None = None,
-                 title_field: str | None = None, domain: str = "movie") -> Interactions:
+                 title_field: str | None = None, domain: str = "movie") -> SpilledLog:
     """A Parquet or CSV log (a file, or a directory of part files read in name order), one row per
     interaction with user, item, time and item-title columns (names mapped by the ``*_field`` args).
 
@@ -494,7 +572,7 @@ def load_tabular(path: str | Path, fmt: str, *, drop_unknown: bool = False, user
         k = bisect.bisect_right(starts, row) - 1
         return f"{files[k]}: row {row - starts[k] + 1}"
 
-    log = _Log()
+    log = _Log(tmp, partitions_for(files))
     titles_by_raw: dict[str, str] = {}
     for f in files:
         starts.append(log.rows)

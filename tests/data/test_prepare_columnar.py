@@ -14,7 +14,8 @@ import pytest
 
 from llara_dist.cli import main
 from llara_dist.data.prepare import run_prepare
-from llara_dist.data.samples import dedup_sequences, eval_candidates, split_positions, split_samples
+from llara_dist.data.samples import (dedup_sequences, eval_candidates, shuffle_keys, split_positions,
+                                     split_samples)
 from llara_dist.data.shards import load_meta, load_titles, read_split, tar_bytes, tar_members
 from llara_dist.data.sources import Interactions, generate_synthetic
 from llara_dist.errors import DataError
@@ -75,10 +76,25 @@ def test_shard_json_is_json_dumps_of_the_sample(tmp_path):
         assert stored == expect
 
 
-def test_default_prepare_writes_the_same_bytes_as_before_the_rewrite(tmp_path):
-    # fingerprint of the per-sample implementation's output for these settings (commit 4c1ea9c)
-    meta = _prepare(tmp_path / "s", "prepare.users=200", "prepare.items=120", "prepare.samples_per_shard=400")
-    assert meta["fingerprint"] == "dc3f1d91b22814060e078dc60118f4ee0ffb0d255b9804801dcaf575f6ef366c"
+def test_default_prepare_keeps_the_per_sample_samples_and_its_eval_bytes(tmp_path):
+    args = ("prepare.users=200", "prepare.items=120", "prepare.samples_per_shard=400")
+    meta = _prepare(tmp_path / "s", *args)
+    # valid/test: the very bytes the per-sample implementation wrote (commit 4c1ea9c)
+    assert [e["sha256"] for e in meta["shards"]["valid"]] == [
+        "a8ff88dfe599b11e6e6267bba80167f2f99b415eb1fd74fdce22459a457c71f5"]
+    assert [e["sha256"] for e in meta["shards"]["test"]] == [
+        "af44fdf7046dbf0d7129e72a3dc1f6c8be107815e58f15ec65ba5a296a3f6c7d"]
+    # train: the same samples, stored in the order of their seeded per-sample keys
+    ref, _ = split_samples(generate_synthetic(200, 120, 0).sequences, history_len=10, min_history=3)
+    stored = list(read_split(tmp_path / "s", "train"))
+    assert sorted(map(json.dumps, stored)) == sorted(map(json.dumps, ref["train"]))
+    users = np.array([s["user"] for s in stored])
+    pos = np.array([int(s["key"].split("-t")[1]) for s in stored])
+    keys = shuffle_keys(0, users, pos)
+    assert (keys[1:] >= keys[:-1]).all() and len(set(users[:400].tolist())) > 100  # mixed users
+    assert meta["fingerprint"] == "ca570d458889dafe4100223fa91e006305fb47f53091d5f50afee7577bb85dd1"  # regression pin
+    other_seed = _prepare(tmp_path / "seed1", *args, "prepare.seed=1")
+    assert [s["key"] for s in read_split(tmp_path / "seed1", "train")] != [s["key"] for s in stored]
 
 
 def test_parallel_writers_give_identical_bytes(tmp_path):
