@@ -71,7 +71,7 @@ class Interactions:
     def piece_chunk(chunk: UserChunk) -> UserChunk:
         return chunk
 
-    def chunks(self, rows: int = 1 << 20) -> Iterator[UserChunk]:
+    def chunks(self, rows: int = 1 << 18) -> Iterator[UserChunk]:
         """Runs of consecutive users of about `rows` interactions each (the shape `prepare` consumes)."""
         a = 0
         while a < self.n_users:
@@ -141,14 +141,31 @@ class _Ids:
 
 
 _ROW = np.dtype([("user", "<i4"), ("item", "<i4"), ("time", "<f8")])
-_PARTITION_BYTES = 8 << 20  # input bytes per on-disk partition of the log (about 0.5M text rows)
+_PARTITION_ROWS = 1 << 18  # rows per on-disk partition of the log: one is sorted in memory at a time
+_TEXT_ROW_BYTES = 16  # a lower bound of a text log's bytes per row, to estimate rows from the size
 
 
-def partitions_for(paths: list[Path]) -> int:
-    """How many on-disk partitions a log of these files is split into: enough that one partition
-    (sorted in memory) stays small whatever the log's size. The output does not depend on it."""
-    size = sum(p.stat().st_size for p in paths)
-    return max(1, min(1024, size // _PARTITION_BYTES))
+def partitions_for(rows: int) -> int:
+    """How many on-disk partitions a log of about `rows` rows is split into: enough that one
+    partition (sorted and turned into samples in memory) stays small whatever the log's size. The
+    output does not depend on it."""
+    return max(1, min(4096, -(-rows // _PARTITION_ROWS)))
+
+
+def _text_rows(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths) // _TEXT_ROW_BYTES
+
+
+def _tabular_rows(paths: list[Path], fmt: str) -> int:
+    if fmt != "parquet":
+        return _text_rows(paths)
+    rows = 0
+    for p in paths:
+        try:
+            rows += pq.ParquetFile(p).metadata.num_rows  # exact, from the footer
+        except (OSError, pa.ArrowException):
+            pass  # reported by the reader, with the file's name
+    return rows
 
 
 class _Log:
@@ -304,7 +321,9 @@ def _line_of_row(path: Path, row: int, header_lines: int, encoding: str) -> int:
     return n  # pragma: no cover  (row beyond the file: cannot happen for a row Arrow read)
 
 
-_BATCH_BYTES = 1 << 24  # Arrow reads 16 MB blocks: memory per batch stays small whatever the file size
+# Arrow's streaming CSV reader reads up to 32 blocks ahead in the background: 2 MB blocks bound that
+# buffer at 64 MB whatever the file size (16 MB blocks buffered ~0.5 GB of a large log).
+_BATCH_BYTES = 1 << 21
 
 
 def _delimited_batches(path: Path, names: list[str], columns: list[str], *, header_lines: int, encoding: str,
@@ -448,7 +467,7 @@ def load_recbole(directory: str | Path, tmp: Path, *, drop_unknown: bool = False
     u_col = names[_column(header, (user_field or "user_id",), inter_file, "user id")]
     i_col = names[_column(header, (item_field,), inter_file, "item id")]
     t_col = names[_column(header, (time_field or "timestamp",), inter_file, "timestamp")]
-    log = _Log(tmp, partitions_for([inter_file]))
+    log = _Log(tmp, partitions_for(_text_rows([inter_file])))
     where = _read_text_log(log, inter_file, names, (u_col, i_col, t_col), header_lines=1, encoding="utf-8",
                            describe=", ".join(header))
     return build_interactions("recbole:" + inter_file.stem, _guess_domain(inter_file.stem), log, titles_by_raw,
@@ -478,7 +497,7 @@ def load_grouplens(directory: str | Path, tmp: Path, *, drop_unknown: bool = Fal
         if title:
             titles_by_raw[fields[0].strip()] = title
 
-    log = _Log(tmp, partitions_for([data_file]))
+    log = _Log(tmp, partitions_for(_text_rows([data_file])))
     where = _read_text_log(log, data_file, ["user", "item", "rating", "timestamp"], ("user", "item", "timestamp"),
                            header_lines=0, encoding="latin-1", describe="user, item, rating, timestamp",
                            strip=True)
@@ -572,7 +591,7 @@ def load_tabular(path: str | Path, fmt: str, tmp: Path, *, drop_unknown: bool = 
         k = bisect.bisect_right(starts, row) - 1
         return f"{files[k]}: row {row - starts[k] + 1}"
 
-    log = _Log(tmp, partitions_for(files))
+    log = _Log(tmp, partitions_for(_tabular_rows(files, fmt)))
     titles_by_raw: dict[str, str] = {}
     for f in files:
         starts.append(log.rows)

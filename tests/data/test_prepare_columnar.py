@@ -266,3 +266,45 @@ def test_gzip_shards_are_read_by_webdataset_itself(tmp_path):
         urls = [str(tmp_path / "plain" / e["name"]) for e in plain["shards"][split]]
         ref = [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
         assert got == ref and len(got) == plain["counts"][split]
+
+
+# ----------------------------------------------------------------------------------------------
+# Out of core: the bytes do not depend on how the work is cut
+
+
+def test_bytes_do_not_depend_on_partitions_buckets_or_chunks(tmp_path, monkeypatch):
+    import llara_dist.data.prepare as prepare_mod
+    import llara_dist.data.sources as sources_mod
+
+    src = _repeat_log(tmp_path / "in")  # a RecBole log: read through the on-disk partitions
+    runs = {"rb": ("prepare.format=recbole", f"prepare.input={src}", "prepare.num_candidates=4",
+                   "prepare.samples_per_shard=70"),
+            "syn": ("prepare.users=90", "prepare.items=60", "prepare.samples_per_shard=130")}
+    ref = {name: _prepare(tmp_path / f"{name}-ref", *args) for name, args in runs.items()}
+    # many tiny pieces: 4 log partitions, 8 and 32 train buckets, 5 and 10 eval buckets, 13 synthetic chunks
+    monkeypatch.setattr(sources_mod, "_PARTITION_ROWS", 100)
+    monkeypatch.setattr(prepare_mod, "_TRAIN_BUCKET_RECORDS", 100)
+    monkeypatch.setattr(prepare_mod, "_EVAL_BUCKET_USERS", 10)
+    chunks = sources_mod.Interactions.chunks
+    monkeypatch.setattr(sources_mod.Interactions, "chunks", lambda self, rows=150: chunks(self, rows))
+    for name, args in runs.items():
+        cut = _prepare(tmp_path / name, *args, "prepare.workers=2")
+        assert cut == ref[name] and len(cut["shards"]["train"]) >= 4
+        assert _in_bytes(tmp_path / name, cut) == _in_bytes(tmp_path / f"{name}-ref", ref[name])
+
+
+def _in_bytes(d: Path, meta: dict) -> dict[str, bytes]:
+    return {e["name"]: (d / e["name"]).read_bytes() for v in meta["shards"].values() for e in v}
+
+
+def test_spill_keeps_append_order_within_a_bucket(tmp_path):
+    from llara_dist.data.spill import Spill, top_bits_bucket
+
+    sp = Spill(tmp_path, "t", np.dtype("<i8"), 4)
+    sp.append(np.array([3, 0, 3, 1]), np.array([10, 11, 12, 13]))
+    sp.append(np.array([3, 0]), np.array([14, 15]))
+    assert [sp.read(b).tolist() for b in range(4)] == [[11, 15], [13], [], [10, 12, 14]]
+    assert sp.counts.tolist() == [2, 1, 0, 3]
+    keys = np.array([0, 1 << 62, (1 << 63) + 5, (1 << 64) - 1], dtype=np.uint64)
+    assert top_bits_bucket(keys, 4).tolist() == [0, 1, 2, 3]
+    assert top_bits_bucket(keys, 1).tolist() == [0, 0, 0, 0]
