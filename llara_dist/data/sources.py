@@ -19,6 +19,7 @@ import csv as pycsv
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -283,9 +284,13 @@ def build_interactions(source: str, domain: str, log: _Log, titles_by_raw: dict[
 
 
 def _numbers(column: pa.ChunkedArray | pa.Array, where: Callable[[int], str], field: str) -> np.ndarray:
-    """A timestamp column as float64; the first value that is not a number is named by row."""
+    """A timestamp column as float64 seconds: numbers, Parquet timestamps/dates, or ISO-8601 strings
+    (``2021-03-04``, ``2021-03-04T05:06:07.5``, with ``Z`` or an offset); the first value that is none
+    of these is named by row."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
     if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
-        column = pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
+        return _seconds(column)
     if column.null_count:
         row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
         raise DataError(f"{where(row)}: {field}: expected a number, got an empty value")
@@ -293,14 +298,33 @@ def _numbers(column: pa.ChunkedArray | pa.Array, where: Callable[[int], str], fi
         return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
-    values = column.to_pylist()  # error path (or odd spellings Arrow refuses): Python's float decides
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        for unit in (pa.timestamp("us"), pa.timestamp("us", tz="UTC")):  # without, then with a zone
+            try:
+                return _seconds(pc.cast(column, unit))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass
+    values = column.to_pylist()  # error path (or odd spellings Arrow refuses): Python decides
     out = np.empty(len(values), dtype=np.float64)
     for row, v in enumerate(values):
         try:
             out[row] = float(v)
+            continue
         except (TypeError, ValueError):
-            raise DataError(f"{where(row)}: {field}: expected a number, got {v!r}") from None
+            pass
+        try:
+            t = datetime.fromisoformat(str(v))
+            out[row] = (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+        except ValueError:
+            raise DataError(f"{where(row)}: {field}: expected a number or an ISO-8601 date/time, "
+                            f"got {v!r}") from None
     return out
+
+
+def _seconds(column: pa.Array) -> np.ndarray:
+    # microseconds first: a cast straight to seconds refuses sub-second values ("would lose data")
+    us = pc.cast(pc.cast(column, pa.timestamp("us", tz=getattr(column.type, "tz", None))), pa.int64())
+    return us.to_numpy(zero_copy_only=False).astype(np.float64) / 1e6
 
 
 def _text_lines(path: Path, encoding: str) -> Iterator[str]:
@@ -540,7 +564,7 @@ def _tabular_batches(path: Path, fmt: str, fields: dict[str, str]) -> Iterator[p
                             f"the file has {', '.join(map(str, have))})")
     try:
         if fmt == "parquet":
-            yield from pf.iter_batches(batch_size=1 << 20, columns=wanted)
+            yield from pf.iter_batches(batch_size=1 << 18, columns=wanted)
             return
         yield from pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_BATCH_BYTES),
                                   convert_options=pacsv.ConvertOptions(
@@ -557,7 +581,10 @@ def _tabular_batches(path: Path, fmt: str, fields: dict[str, str]) -> Iterator[p
 
 
 def _id_column(col: pa.Array, name: str, role: str, where: Callable[[int], str], path: Path) -> pa.Array:
-    """A user/item id column as strings; a missing or empty id names its row."""
+    """A user/item id column as strings (string, integer or dictionary-encoded, as pandas' categorical
+    columns are written to Parquet); a missing or empty id names its row."""
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
     if col.null_count:
         row = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
         raise DataError(f"{where(row)}: {name}: expected a value, got an empty one")

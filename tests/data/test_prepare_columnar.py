@@ -148,6 +148,27 @@ def test_parquet_and_csv_with_a_column_mapping_match_recbole(tmp_path):
             assert list(read_split(out, split)) == list(read_split(tmp_path / "rb", split))
 
 
+def test_categorical_ids_and_datetime_columns_read_like_numbers(tmp_path):
+    import datetime as dt
+
+    ref = _prepare(tmp_path / "rb", "prepare.format=recbole", f"prepare.input={_recbole_dir(tmp_path / 'in')}", *_BASE)
+    epoch = dt.datetime(2024, 5, 1, 12, 0, 0)
+    when = [epoch + dt.timedelta(seconds=r[2], microseconds=250_000) for r in _ROWS]  # sub-second values
+    table = pa.table({"user_id": pa.array([r[0] for r in _ROWS]).dictionary_encode(),  # pandas categoricals
+                      "item_id": pa.array([str(r[1]) for r in _ROWS]).dictionary_encode(),
+                      "timestamp": pa.array(when, pa.timestamp("ns")), "title": [r[3] for r in _ROWS]})
+    pq.write_table(table, tmp_path / "cat.parquet")
+    csv = tmp_path / "iso.csv"  # ISO-8601 strings, with and without a zone
+    csv.write_text("user_id,item_id,timestamp,title\n" + "".join(
+        f'{u},{i},{(epoch + dt.timedelta(seconds=t)).isoformat()}{"Z" if k % 2 else ""},"{n}"\n'
+        for k, (u, i, t, n) in enumerate(_ROWS)))
+    for fmt, src in (("parquet", tmp_path / "cat.parquet"), ("csv", csv)):
+        meta = _prepare(tmp_path / fmt, f"prepare.format={fmt}", f"prepare.input={src}", *_BASE)
+        assert meta["counts"] == ref["counts"]
+        for split in ("train", "valid", "test"):
+            assert list(read_split(tmp_path / fmt, split)) == list(read_split(tmp_path / "rb", split))
+
+
 def test_malformed_parquet_and_csv_rows_are_named(tmp_path, capsys):
     good = {"user_id": ["a", "a", "b", "b"], "item_id": ["1", "2", "1", "2"], "timestamp": [1.0, 2.0, 1.0, 2.0],
             "title": ["X", "Y", "X", "Y"]}
@@ -156,7 +177,7 @@ def test_malformed_parquet_and_csv_rows_are_named(tmp_path, capsys):
     with pytest.raises(DataError, match=r"bad.parquet: row 3: user_id: expected a value"):
         _prepare(tmp_path / "o", "prepare.format=parquet", f"prepare.input={tmp_path / 'bad.parquet'}", *_BASE)
     (tmp_path / "t.csv").write_text("user_id,item_id,timestamp,title\na,1,1,X\na,2,soon,Y\n")
-    with pytest.raises(DataError, match=r"t.csv: row 2: timestamp: expected a number, got 'soon'"):
+    with pytest.raises(DataError, match=r"t.csv: row 2: timestamp: expected a number or an ISO-8601 date/time, got 'soon'"):
         _prepare(tmp_path / "o", "prepare.format=csv", f"prepare.input={tmp_path / 't.csv'}", *_BASE)
     (tmp_path / "f.csv").write_text("user_id,item_id,timestamp,title\na,1,1,X\na,2,2\n")
     with pytest.raises(DataError, match=r"f.csv: row 2: expected 4 comma-separated fields"):
