@@ -41,9 +41,10 @@ if sys.argv[3] == "host-first":  # the old way: build on the host, then move
 else:
     model, tok, _ = load_export(sys.argv[1], device=sys.argv[2])
 loaded = status()
-with torch.no_grad():  # an eval step reads every layer (memory-mapped weights become resident here)
-    ids = torch.tensor([[tok.bos_token_id] * 16], device=sys.argv[2])
-    model.lm(input_ids=ids, attention_mask=torch.ones_like(ids))
+if sys.argv[2] != "meta":  # an eval step reads every layer (memory-mapped weights become resident here)
+    with torch.no_grad():
+        ids = torch.tensor([[tok.bos_token_id] * 16], device=sys.argv[2])
+        model.lm(input_ids=ids, attention_mask=torch.ones_like(ids))
 after = status()
 print(json.dumps({"rss_after_imports": base, "peak_load": loaded["VmHWM"], "peak_forward": after["VmHWM"],
                   "anon": after["RssAnon"], "file": after["RssFile"], "uss_added": proc.memory_full_info().uss - uss0,
@@ -80,10 +81,11 @@ def main() -> None:
         tok.save_pretrained(ckpt)
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         cfg = load_config(None, [f"model.name_or_path={ckpt}", "model.dtype=bfloat16"])
-        model = build_model(cfg, load_tokenizer(cfg.model, titles), rec_dim=64, device=args.device)
+        model = build_model(cfg, load_tokenizer(cfg.model, titles), rec_dim=64,
+                            device="cpu" if args.device == "meta" else args.device)
         write_export(model, load_tokenizer(cfg.model, titles), export)
         del model
-        ways = ["direct"] + (["host-first"] if args.device != "cpu" else [])
+        ways = ["direct"] + (["host-first"] if args.device not in ("cpu", "meta") else [])
         results = {}
         for way in ways:
             out = subprocess.run([sys.executable, "-c", CHILD, str(export), args.device, way],

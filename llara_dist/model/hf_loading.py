@@ -1,0 +1,109 @@
+"""Load a local Hugging Face checkpoint onto a device with at most one copy of its weights in host RAM.
+
+`from_pretrained` (transformers 5.23) memory-maps each safetensors file and materialises every
+parameter from the mapping. On the CPU the parameters then *are* the mapped file (lazily read,
+copy-on-write); on a GPU every tensor is read through the mapping, so up to the whole file becomes
+resident in the worker (mapped page cache) until loading ends. Here each tensor is instead read with
+``pread(2)`` (safetensors' ``pread`` backend, the one transformers itself uses on Apple MPS) into a
+buffer of its own and handed to transformers' ordinary loading through ``state_dict=``: on the CPU
+that buffer becomes the parameter (one copy, owned by the process, no tie to the file afterwards);
+on a GPU it is copied to the device and freed, so the host holds only the few tensors in flight
+(transformers reads up to four at a time). Everything else (key renames, tied embeddings, dtype
+conversion, non-persistent buffers such as the rotary ``inv_freq``, the generation config) is
+transformers' own code path, so the model equals ``from_pretrained``'s bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from llara_dist.errors import CheckpointError
+
+# transformers' file names (transformers.utils.SAFE_WEIGHTS_NAME / SAFE_WEIGHTS_INDEX_NAME)
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(path: Path) -> tuple[Path, list[Path]] | None:
+    """The file that names the weights (the single file or the shard index) and the files holding
+    them, or None when ``path`` has no safetensors weights (e.g. ``pytorch_model.bin``)."""
+    single, index = path / SAFE_WEIGHTS, path / SAFE_WEIGHTS_INDEX
+    if single.is_file():
+        return single, [single]
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors shard index ({type(e).__name__}: {e}); expected "
+                              "JSON with a 'weight_map' of tensor name -> shard file") from None
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: names shard {missing[0]!r}, which is not in {path}")
+    return index, [path / s for s in shards]
+
+
+def load_causal_lm(path: Path, *, dtype: torch.dtype, device: str | torch.device,
+                   attn_implementation: str | None = None) -> PreTrainedModel | None:
+    """The causal LM of the local checkpoint ``path`` in ``dtype`` on ``device``, read tensor by
+    tensor (see the module docstring); None when ``path`` holds no safetensors weights or an
+    architecture transformers' causal-LM auto class does not know (the caller then uses
+    ``from_pretrained``, which reports those cases itself)."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
+
+    files = safetensors_files(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if files is None or model_class is None:
+        return None
+    names_file, shards = files
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:  # what from_pretrained(path) would use; a checkpoint without the file gets the defaults
+        kwargs["generation_config"] = GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:
+        pass
+
+    with contextlib.ExitStack() as stack:
+        state_dict: dict = {}  # tensor name -> lazy slice; transformers reads each with `slice[...]`
+        where: dict[str, Path] = {}
+        for shard in shards:
+            try:
+                f = stack.enter_context(safe_open(str(shard), framework="pt", device="cpu", backend="pread"))
+                names = list(f.keys())
+                for name in names:
+                    state_dict[name] = f.get_slice(name)
+            except SafetensorError as e:
+                raise CheckpointError(f"{shard}: not a readable safetensors file: {e}") from None
+            where.update(dict.fromkeys(names, shard))
+        # Mismatched shapes are reported by _check_loaded, naming the shard (transformers' own error
+        # names neither the file nor the tensor).
+        model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
+                                                  device_map=str(device), ignore_mismatched_sizes=True,
+                                                  output_loading_info=True, **kwargs)
+    _check_loaded(model, info, names_file, where)
+    # from_pretrained(None, ...) records no source; record the one from_pretrained(path) would.
+    model.config.name_or_path = str(path)
+    model.name_or_path = model.config.name_or_path
+    return model
+
+
+def _check_loaded(model: PreTrainedModel, info: dict, names_file: Path, where: dict[str, Path]) -> None:
+    """A weight the architecture needs but the checkpoint lacks, or holds in another shape, stops
+    the load (from_pretrained would initialise it randomly and only warn)."""
+    expected = model.state_dict()
+    for name, got, want in sorted(info.get("mismatched_keys") or (), key=str):
+        raise CheckpointError(f"{where.get(name, names_file)}: tensor {name!r} has shape {tuple(got)}, "
+                              f"the architecture in config.json expects {tuple(want)}")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shape = tuple(expected[missing[0]].shape) if missing[0] in expected else "?"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{names_file}: no tensor {missing[0]!r} (shape {shape}){more}; the checkpoint "
+                              "does not match the architecture in config.json")
