@@ -65,10 +65,12 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype, device: str | torch.device
         return None
     names_file, shards = files
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:  # what from_pretrained(path) would use; a checkpoint without the file gets the defaults
-        kwargs["generation_config"] = GenerationConfig.from_pretrained(path, local_files_only=True)
-    except OSError:
-        pass
+    try:  # the generation config from_pretrained(path) would read (transformers' GenerationMixin)
+        gen = GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:  # no generation_config.json: built from config.json
+        gen = GenerationConfig.from_pretrained(path, config_file_name="config.json", _from_model_config=True,
+                                               local_files_only=True)
+    kwargs["generation_config"] = gen
 
     with contextlib.ExitStack() as stack:
         state_dict: dict = {}  # tensor name -> lazy slice; transformers reads each with `slice[...]`
