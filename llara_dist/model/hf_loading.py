@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -73,14 +74,14 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype, device: str | torch.device
     kwargs["generation_config"] = gen
 
     with contextlib.ExitStack() as stack:
-        state_dict: dict = {}  # tensor name -> lazy slice; transformers reads each with `slice[...]`
+        state_dict: dict = {}  # tensor name -> _OnDemand; transformers reads each with `value[...]`
         where: dict[str, Path] = {}
         for shard in shards:
             try:
                 f = stack.enter_context(safe_open(str(shard), framework="pt", device="cpu", backend="pread"))
                 names = list(f.keys())
                 for name in names:
-                    state_dict[name] = f.get_slice(name)
+                    state_dict[name] = _OnDemand(f, name)
             except SafetensorError as e:
                 raise CheckpointError(f"{shard}: not a readable safetensors file: {e}") from None
             where.update(dict.fromkeys(names, shard))
@@ -94,6 +95,25 @@ def load_causal_lm(path: Path, *, dtype: torch.dtype, device: str | torch.device
     model.config.name_or_path = str(path)
     model.name_or_path = model.config.name_or_path
     return model
+
+
+class _OnDemand:
+    """One checkpoint tensor, read when transformers materialises it (``value[...]``, as it does
+    with the safetensors slices of its own memory-mapped path). ``get_tensor`` preads straight into
+    the tensor; a pread-backed slice would read into a buffer and copy it once more (2x the tensor)."""
+
+    def __init__(self, handle: Any, name: str):
+        self.handle, self.name = handle, name
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        tensor = self.handle.get_tensor(self.name)
+        return tensor if index is Ellipsis else tensor[index]
+
+    def get_shape(self) -> list[int]:  # the rest of safetensors' slice interface
+        return self.handle.get_slice(self.name).get_shape()
+
+    def get_dtype(self) -> str:
+        return self.handle.get_slice(self.name).get_dtype()
 
 
 def _check_loaded(model: PreTrainedModel, info: dict, names_file: Path, where: dict[str, Path]) -> None:
