@@ -1,16 +1,17 @@
-"""Load a local Hugging Face checkpoint onto a device with at most one copy of its weights in host RAM.
+"""Load a local Hugging Face checkpoint onto a device, reading it tensor by tensor.
 
-`from_pretrained` (transformers 5.23) memory-maps each safetensors file and materialises every
-parameter from the mapping. On the CPU the parameters then *are* the mapped file (lazily read,
-copy-on-write); on a GPU every tensor is read through the mapping, so up to the whole file becomes
-resident in the worker (mapped page cache) until loading ends. Here each tensor is instead read with
-``pread(2)`` (safetensors' ``pread`` backend, the one transformers itself uses on Apple MPS) into a
-buffer of its own and handed to transformers' ordinary loading through ``state_dict=``: on the CPU
-that buffer becomes the parameter (one copy, owned by the process, no tie to the file afterwards);
-on a GPU it is copied to the device and freed, so the host holds only the few tensors in flight
-(transformers reads up to four at a time). Everything else (key renames, tied embeddings, dtype
-conversion, non-persistent buffers such as the rotary ``inv_freq``, the generation config) is
-transformers' own code path, so the model equals ``from_pretrained``'s bit for bit (tested).
+`from_pretrained` (transformers 5.23) memory-maps each safetensors file and builds every parameter
+from the map. On the CPU that is the cheapest there is: the parameters *are* the file's pages in the
+page cache (one copy, read lazily, shared by every process that maps the file), so `build_model`
+keeps it there. Onto an accelerator every tensor is read through the map for its copy to the
+device, and the pages stay mapped until loading ends: up to the whole file in the worker's RSS.
+Here each tensor is read with ``pread(2)`` (safetensors' ``pread`` backend, the one transformers
+itself uses on Apple MPS) straight into a host tensor of its own and handed to transformers'
+ordinary loading through ``state_dict=``, which copies it to the device and drops it: the host holds
+only the tensors in flight (transformers reads up to four at a time). On the CPU the tensor becomes
+the parameter (one private copy). Everything else (key renames, tied embeddings, dtype conversion,
+non-persistent buffers such as the rotary ``inv_freq``, the generation config) is transformers' own
+code, so the model equals ``from_pretrained``'s bit for bit (tests/model/test_hf_loading.py).
 """
 
 from __future__ import annotations
@@ -119,12 +120,14 @@ class _OnDemand:
 def _check_loaded(model: PreTrainedModel, info: dict, names_file: Path, where: dict[str, Path]) -> None:
     """A weight the architecture needs but the checkpoint lacks, or holds in another shape, stops
     the load (from_pretrained would initialise it randomly and only warn)."""
-    expected = model.state_dict()
-    for name, got, want in sorted(info.get("mismatched_keys") or (), key=str):
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)  # (name, checkpoint shape, expected)
+    if mismatched:
+        name, got, want = mismatched[0]
         raise CheckpointError(f"{where.get(name, names_file)}: tensor {name!r} has shape {tuple(got)}, "
                               f"the architecture in config.json expects {tuple(want)}")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
+        expected = model.state_dict()
         shape = tuple(expected[missing[0]].shape) if missing[0] in expected else "?"
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{names_file}: no tensor {missing[0]!r} (shape {shape}){more}; the checkpoint "
