@@ -35,6 +35,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llara_dist.config import Config, LoraConfig, ModelConfig
 from llara_dist.errors import CheckpointError, ConfigError
 from llara_dist.model.generation import PrefixConstraint, all_ranks_done, greedy_generate, positions_from_mask
+from llara_dist.model.hf_loading import load_causal_lm
 from llara_dist.ops import inject_embeddings
 
 EXPORT_FORMAT = "llara-dist-export"
@@ -189,10 +190,17 @@ def _load_base(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, ds_co
             # Straight to the device: no host copy of the weights per worker (8 eval workers x a 7B
             # model loaded on the host first is ~108 GB of host RAM on one node).
             kwargs["device_map"] = str(device)
+        base = None
         if model_cfg.random_init:
             with torch.device(device) if device is not None else contextlib.nullcontext():
                 base = _random_base(path, kwargs)
-        else:
+        elif device is not None and hf_ds is None and torch.device(device).type != "cpu":
+            # Onto an accelerator tensor by tensor with pread, not through a memory map: the host holds
+            # only the tensors in flight (None for non-safetensors checkpoints). On the CPU the mapped
+            # file itself is the weights (one copy, page cache shared by the node's workers).
+            base = load_causal_lm(path, dtype=dtype, device=device,
+                                  attn_implementation=model_cfg.attn_implementation)
+        if base is None:
             base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         base._llara_hf_ds_config = hf_ds  # keep it alive: transformers holds only a weak reference
     base_vocab_size, rows_set = _add_token_rows(base, tokenizer)
