@@ -97,8 +97,10 @@ def measure(fmt: str, src: Path, out: Path, engine: str, workers: int, compressi
         "from llara_dist.data.prepare import run_prepare;"
         f"run_prepare(load_config(None, ['prepare.format={fmt}', 'prepare.input={src}', 'prepare.out={out}',"
         f"'prepare.engine={engine}', 'prepare.workers={workers}', 'prepare.compression={compression}']));"
-        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report this
+        # benchmark's own RSS (the generated logs) whenever that is larger
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
+        "print('MAXRSS_KB', hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     res = run_child([sys.executable, "-c", code])
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -117,8 +117,12 @@ def prepare_ray(p: PrepareConfig) -> dict:
     dropped = {"short_history_samples": sum(int(r["user"]) for r in stats),
                "users_without_test_sample": sum(int(r["pos"]) for r in stats)}
     removed = sum(int(r["target"]) for r in stats)
-    counts = {s: samples_ds.map_batches(only(i), batch_format="numpy").count() for i, s in enumerate(SPLITS)}
-    if not counts["test"]:
+    # Each split sorted once and materialised: its count is then free, and the shards stream from it.
+    ordered = {split: samples_ds.map_batches(only(i), batch_format="numpy")
+               .sort(["order", "user", "pos"] if split == "train" else ["user"]).materialize()
+               for i, split in enumerate(SPLITS)}
+    del samples_ds
+    if not ordered["test"].count():
         raise DataError(f"prepare: no user has more than min_history={p.min_history} interactions; "
                         "nothing to train or evaluate on")
 
@@ -127,12 +131,9 @@ def prepare_ray(p: PrepareConfig) -> dict:
     spec = ShardSpec.of(p, len(data.titles))
     write_task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_write_on_node)
     results, pending = [], deque()
-    for i, split in enumerate(SPLITS):
-        if not counts[split]:
-            continue
-        keys = ["order", "user", "pos"] if split == "train" else ["user"]
-        ordered = samples_ds.map_batches(only(i), batch_format="numpy").sort(keys)
-        for k, batch in enumerate(ordered.iter_batches(batch_size=p.samples_per_shard, batch_format="numpy")):
+    for split in SPLITS:
+        batches = ordered.pop(split).iter_batches(batch_size=p.samples_per_shard, batch_format="numpy")
+        for k, batch in enumerate(batches):
             pending.append(write_task.remote(spec, out, split, k, _records(batch, p.history_len)))
             if len(pending) >= 2 * cpus:
                 results.append(ray.get(pending.popleft()))
