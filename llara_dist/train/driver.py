@@ -47,13 +47,9 @@ class TrainPlan:
 def _hidden_size(cfg: Config) -> int:
     if cfg.model.name_or_path == "tiny":
         return cfg.model.tiny.hidden_size
-    path = Path(cfg.model.name_or_path)
-    if not path.is_dir():
-        raise ConfigError(f"model.name_or_path: {path} does not exist (expected \"tiny\" or a local "
-                          "Hugging Face model directory with config.json)")
-    config_json = path / "config.json"
-    if not config_json.is_file():
-        raise ConfigError(f"model.name_or_path: {config_json} not found (not a Hugging Face model directory)")
+    from llara_dist.model.llara import _model_dir
+
+    config_json = _model_dir(cfg.model) / "config.json"
     tree = json.loads(config_json.read_text())
     hidden = tree.get("hidden_size") or tree.get("n_embd") or tree.get("d_model")
     if not hidden:

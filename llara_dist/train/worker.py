@@ -365,8 +365,8 @@ def _export(w: _Worker, model, tokenizer, start_step: int) -> None:
     cfg, run_dir = w.cfg, w.run_dir
     write_export(model, tokenizer, run_dir / "final",
                  extra_config={"step": max(start_step, w.plan.total_steps), "run_dir": str(run_dir),
-                               "shards": str(Path(cfg.data.shards).resolve()),
-                               "rec_dir": str(Path(cfg.train.rec_dir).resolve()),
+                               # already absolute (or URIs) from the driver's `paths.resolve_paths`
+                               "shards": cfg.data.shards, "rec_dir": cfg.train.rec_dir,
                                "shards_fingerprint": w.plan.shards_fingerprint, "curriculum": w.plan.curriculum})
 
 
@@ -404,8 +404,7 @@ class _Validation:
                          "n": res["n"]}
             write_export(model, self.tokenizer, best_dir,
                          extra_config={"step": done, "valid": self.best,
-                                       "shards": str(Path(self.cfg.data.shards).resolve()),
-                                       "rec_dir": str(Path(self.cfg.train.rec_dir).resolve())})
+                                       "shards": self.cfg.data.shards, "rec_dir": self.cfg.train.rec_dir})
         return {"valid/hit_ratio@1": res["hit_ratio@1"], "valid/valid_ratio": res["valid_ratio"],
                 "valid/best_step": self.best["step"]}
 
