@@ -182,16 +182,6 @@ def dedup_sequences(items: np.ndarray, offsets: np.ndarray, mode: str) -> tuple[
     return items[keep], new_offsets, int(len(items) - keep.sum())
 
 
-def target_in_history(items: np.ndarray, offsets: np.ndarray, targets: np.ndarray, history_len: int,
-                      chunk: int = 1 << 20) -> int:
-    """How many of these samples have their target inside their own history window."""
-    found = 0
-    for a in range(0, len(targets), chunk):
-        _, hist, _ = windows(items, offsets, targets[a:a + chunk], history_len)
-        found += int((hist == items[targets[a:a + chunk]][:, None]).any(axis=1).sum())
-    return found
-
-
 def _seed_words(seed: int) -> int:
     return seed & 0xFFFFFFFFFFFFFFFF  # SeedSequence wants non-negative entropy
 

@@ -1,11 +1,16 @@
-"""Raw interaction logs -> per-user item sequences with dense item ids and titles.
+"""Raw interaction logs -> users' item sequences with dense item ids and titles.
 
-Three sources feed `llara-dist prepare`:
+The sources of `llara-dist prepare`:
 
 - ``recbole``: RecBole atomic files (``*.inter`` with user/item/timestamp columns, ``*.item`` with an
   id and a title column, typed headers such as ``item_id:token``).
 - ``grouplens``: the raw MovieLens-100K download (``u.data``, ``u.item``; latin-1, ``Title (Year)``).
+- ``parquet`` / ``csv``: one row per interaction, columns mapped by ``prepare.*_field``.
 - ``synthetic``: a generated data set with learnable sequential structure (see `generate_synthetic`).
+
+A file source is read in Arrow batches and spilled to disk partitioned by user (`SpilledLog`), so
+its size is bounded by the disk, not the memory; the synthetic set is small and held in memory
+(`Interactions`). Both yield the users' sequences a chunk at a time (`chunks()`).
 
 Item ids are dense ``0..n_items-1``: the items that occur in the kept interactions, sorted by their
 raw id (numerically when every raw id is an integer, else as strings). Users are numbered the same
@@ -35,10 +40,10 @@ from llara_dist.errors import DataError
 
 @dataclass
 class Interactions:
-    """A data set ready for splitting, held columnar: every user's items in time order, end to end.
+    """A data set held in memory, columnar: every user's items in time order, end to end.
 
-    ``items[offsets[u]:offsets[u + 1]]`` is user u's sequence (oldest first). Two flat integer
-    arrays instead of a list per user: 20M interactions take 240 MB, not several GB of Python ints.
+    ``items[offsets[u]:offsets[u + 1]]`` is user u's sequence (oldest first): two flat integer
+    arrays instead of a list per user. (File sources are `SpilledLog`s, never held whole.)
     """
 
     source: str
