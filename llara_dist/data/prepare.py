@@ -97,10 +97,7 @@ class Samples:
 
 def spill_samples(data: Log, p: PrepareConfig, tmp: Path) -> Samples:
     """Build every sample of `data` chunk by chunk and spill it to its sort bucket under `tmp`."""
-    need = p.num_candidates - 1
-    if p.negatives == "any" and len(data.titles) - 1 < need:
-        raise DataError(f"num_candidates={p.num_candidates} needs {need} negatives but only "
-                        f"{len(data.titles) - 1} items are not the target")
+    check_candidates(p, len(data.titles))
     dtype = record_dtype(p.history_len)
     train_buckets = power_of_two_at_least(data.n_interactions / _TRAIN_BUCKET_RECORDS)
     eval_buckets = data.n_users // _EVAL_BUCKET_USERS + 1
@@ -119,10 +116,21 @@ def spill_samples(data: Log, p: PrepareConfig, tmp: Path) -> Samples:
             dropped[k] += v
         removed += cs.removed_repeats
     samples = Samples(spills, dropped, removed)
-    if not samples.counts["test"]:
+    check_test_samples(p, samples.counts["test"])
+    return samples
+
+
+def check_candidates(p: PrepareConfig, n_items: int) -> None:
+    need = p.num_candidates - 1
+    if p.negatives == "any" and n_items - 1 < need:
+        raise DataError(f"num_candidates={p.num_candidates} needs {need} negatives but only "
+                        f"{n_items - 1} items are not the target")
+
+
+def check_test_samples(p: PrepareConfig, n_test: int) -> None:
+    if not n_test:
         raise DataError(f"prepare: no user has more than min_history={p.min_history} interactions; "
                         "nothing to train or evaluate on")
-    return samples
 
 
 def ordered_shards(spill: Spill, split: str, samples_per_shard: int) -> Iterator[np.ndarray]:

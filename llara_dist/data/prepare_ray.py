@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from llara_dist.config import PrepareConfig
-from llara_dist.data.prepare import (SPLITS, Samples, ShardSpec, clean_stale, finish, load_source, write_bytes,
-                                     write_shard)
+from llara_dist.data.prepare import (SPLITS, Samples, ShardSpec, check_candidates, check_test_samples, clean_stale,
+                                     finish, load_source, write_bytes, write_shard)
 from llara_dist.data.samples import chunk_samples, record_dtype
 from llara_dist.data.shards import COMPRESSIONS
 from llara_dist.data.sources import SpilledLog
-from llara_dist.errors import DataError
 
 _SIGN = np.uint64(1 << 63)  # key ^ _SIGN viewed as int64 sorts like the uint64 key (Arrow sorts int64)
 _STATS = len(SPLITS)  # split code of the one statistics row each partition emits
@@ -100,10 +99,7 @@ def prepare_ray(p: PrepareConfig) -> dict:
         chunker = (dataclasses.replace(data, titles=[]).piece_chunk if isinstance(data, SpilledLog)
                    else type(data).piece_chunk)
         pieces = [ray.put(piece) for piece in data.pieces()]  # partition by partition, into the store
-    need = p.num_candidates - 1
-    if p.negatives == "any" and len(data.titles) - 1 < need:
-        raise DataError(f"num_candidates={p.num_candidates} needs {need} negatives but only "
-                        f"{len(data.titles) - 1} items are not the target")
+    check_candidates(p, len(data.titles))
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     samples_ds = (ray.data.from_items([{"piece": ref} for ref in pieces], override_num_blocks=len(pieces))
                   .map_batches(_sample_columns(chunker, p), batch_size=1, batch_format="numpy")
@@ -122,9 +118,7 @@ def prepare_ray(p: PrepareConfig) -> dict:
                .sort(["order", "user", "pos"] if split == "train" else ["user"]).materialize()
                for i, split in enumerate(SPLITS)}
     del samples_ds
-    if not ordered["test"].count():
-        raise DataError(f"prepare: no user has more than min_history={p.min_history} interactions; "
-                        "nothing to train or evaluate on")
+    check_test_samples(p, ordered["test"].count())
 
     out = p.out
     _prepare_out(out)
