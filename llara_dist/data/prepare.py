@@ -105,7 +105,9 @@ def spill_samples(data: Log, p: PrepareConfig, tmp: Path) -> Samples:
               "test": Spill(tmp, "test", dtype, eval_buckets)}
     dropped = {"short_history_samples": 0, "users_without_test_sample": 0}
     removed = 0
-    for chunk in data.chunks():
+    pieces = data.spill.buckets if isinstance(data, SpilledLog) else None
+    for chunk in tqdm(data.chunks(), total=pieces, desc="building samples", unit="partition", leave=False,
+                      disable=None):
         cs = chunk_samples(chunk, history_len=p.history_len, min_history=p.min_history, dedup=p.dedup, seed=p.seed)
         train = cs.records["train"]
         spills["train"].append(top_bits_bucket(train["key"], train_buckets), train)

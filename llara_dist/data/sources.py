@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from llara_dist.data.samples import UserChunk
 from llara_dist.data.spill import Spill
@@ -182,10 +183,13 @@ class _Log:
     few per-item counters, never a per-row array.
     """
 
-    def __init__(self, tmp: Path, partitions: int) -> None:
+    def __init__(self, tmp: Path, partitions: int, expected_rows: int | None = None) -> None:
         self.users, self.items = _Ids(), _Ids()
         self.spill = Spill(tmp, "log", _ROW, partitions)
         self.rows = 0
+        # progress of the read (minutes for a log of a billion rows); the total is an estimate for text
+        self.bar = tqdm(total=expected_rows, desc="reading the log", unit="row", unit_scale=True, leave=False,
+                        disable=None)  # None: only on a terminal (an error stays one line in logs)
         self.item_count = np.zeros(0, dtype=np.int64)
         self.item_first_row = np.zeros(0, dtype=np.int64)  # each item's first row (input order)
 
@@ -207,6 +211,7 @@ class _Log:
         rec["user"], rec["item"], rec["time"] = user_codes, item_codes, times
         self.spill.append(user_codes % self.spill.buckets, rec)
         self.rows += len(times)
+        self.bar.update(len(times))
         return item_codes
 
 
@@ -265,6 +270,7 @@ def build_interactions(source: str, domain: str, log: _Log, titles_by_raw: dict[
     `drop_unknown`. Each user's events are sorted by time with ties in input order when the
     partitions are read (`SpilledLog.chunks`), so the result depends only on the rows.
     """
+    log.bar.close()
     user_raw, item_raw = log.users.raw, log.items.raw
     known = np.fromiter((r in titles_by_raw for r in item_raw), dtype=bool, count=len(item_raw))
     dropped = int(log.item_count[~known].sum())
@@ -496,7 +502,8 @@ def load_recbole(directory: str | Path, tmp: Path, *, drop_unknown: bool = False
     u_col = names[_column(header, (user_field or "user_id",), inter_file, "user id")]
     i_col = names[_column(header, (item_field,), inter_file, "item id")]
     t_col = names[_column(header, (time_field or "timestamp",), inter_file, "timestamp")]
-    log = _Log(tmp, partitions_for(_text_rows([inter_file])))
+    rows = _text_rows([inter_file])
+    log = _Log(tmp, partitions_for(rows), rows)
     where = _read_text_log(log, inter_file, names, (u_col, i_col, t_col), header_lines=1, encoding="utf-8",
                            describe=", ".join(header))
     return build_interactions("recbole:" + inter_file.stem, _guess_domain(inter_file.stem), log, titles_by_raw,
@@ -526,7 +533,8 @@ def load_grouplens(directory: str | Path, tmp: Path, *, drop_unknown: bool = Fal
         if title:
             titles_by_raw[fields[0].strip()] = title
 
-    log = _Log(tmp, partitions_for(_text_rows([data_file])))
+    rows = _text_rows([data_file])
+    log = _Log(tmp, partitions_for(rows), rows)
     where = _read_text_log(log, data_file, ["user", "item", "rating", "timestamp"], ("user", "item", "timestamp"),
                            header_lines=0, encoding="latin-1", describe="user, item, rating, timestamp",
                            strip=True)
@@ -623,7 +631,8 @@ def load_tabular(path: str | Path, fmt: str, tmp: Path, *, drop_unknown: bool = 
         k = bisect.bisect_right(starts, row) - 1
         return f"{files[k]}: row {row - starts[k] + 1}"
 
-    log = _Log(tmp, partitions_for(_tabular_rows(files, fmt)))
+    rows = _tabular_rows(files, fmt)
+    log = _Log(tmp, partitions_for(rows), rows)
     titles_by_raw: dict[str, str] = {}
     for f in files:
         starts.append(log.rows)
