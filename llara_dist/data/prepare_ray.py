@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -29,9 +30,10 @@ import numpy as np
 from llara_dist.config import PrepareConfig
 from llara_dist.data.prepare import (SPLITS, Samples, ShardSpec, check_candidates, check_test_samples, clean_stale,
                                      finish, load_source, write_bytes, write_shard)
-from llara_dist.data.samples import chunk_samples, record_dtype
+from llara_dist.data.samples import UserChunk, chunk_samples, record_dtype
 from llara_dist.data.shards import COMPRESSIONS
-from llara_dist.data.sources import SpilledLog
+from llara_dist.data.sources import _PARTITION_ROWS, SpilledLog, Tabular, _sorted_raw_ids, first_rows
+from llara_dist.errors import DataError
 
 _SIGN = np.uint64(1 << 63)  # key ^ _SIGN viewed as int64 sorts like the uint64 key (Arrow sorts int64)
 _STATS = len(SPLITS)  # split code of the one statistics row each partition emits
@@ -60,23 +62,129 @@ def _prepare_out(out: str) -> None:
         clean_stale(Path(out))
 
 
+def _columns(chunk: UserChunk, p: PrepareConfig) -> dict[str, np.ndarray]:
+    """A chunk of users -> its samples as columns, plus one statistics row."""
+    cs = chunk_samples(chunk, history_len=p.history_len, min_history=p.min_history, dedup=p.dedup, seed=p.seed)
+    parts = [cs.records[s] for s in SPLITS]
+    rec = np.concatenate(parts + [np.zeros(1, dtype=parts[0].dtype)])
+    split = np.repeat(np.arange(len(SPLITS) + 1, dtype=np.int8), [len(x) for x in parts] + [1])
+    # the stats row: dropped samples/users and removed repeats, in the user/pos/target fields
+    rec[-1]["user"], rec[-1]["pos"] = cs.dropped["short_history_samples"], cs.dropped["users_without_test_sample"]
+    rec[-1]["target"] = cs.removed_repeats
+    return {"split": split, "order": (rec["key"] ^ _SIGN).view(np.int64), "user": rec["user"],
+            "pos": rec["pos"], "target": rec["target"], "hist": rec["hist"]}
+
+
 def _sample_columns(chunker, p: PrepareConfig):
-    """The map of pass 2: one partition (an object ref) -> its samples as columns, plus a stats row."""
+    """The map of pass 2 after a driver read: one partition (an object ref) -> its sample columns."""
     import ray
 
     def build(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cs = chunk_samples(chunker(ray.get(batch["piece"][0])), history_len=p.history_len,
-                           min_history=p.min_history, dedup=p.dedup, seed=p.seed)
-        parts = [cs.records[s] for s in SPLITS]
-        rec = np.concatenate(parts + [np.zeros(1, dtype=parts[0].dtype)])
-        split = np.repeat(np.arange(len(SPLITS) + 1, dtype=np.int8), [len(x) for x in parts] + [1])
-        # the stats row: dropped samples/users and removed repeats, in the user/pos/target fields
-        rec[-1]["user"], rec[-1]["pos"] = cs.dropped["short_history_samples"], cs.dropped["users_without_test_sample"]
-        rec[-1]["target"] = cs.removed_repeats
-        return {"split": split, "order": (rec["key"] ^ _SIGN).view(np.int64), "user": rec["user"],
-                "pos": rec["pos"], "target": rec["target"], "hist": rec["hist"]}
+        return _columns(chunker(ray.get(batch["piece"][0])), p)
 
     return build
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet/CSV: the read itself in Ray Data tasks, one per input file
+
+_ROW_BITS = 40  # row key = file index << 40 | row in the file: the input order as one sortable int64
+
+
+@dataclass
+class _ReadLog:
+    """What `finish` needs of a log read by the tasks (the local engine's log has the same fields)."""
+
+    source: str
+    domain: str
+    titles: list[str]
+    n_users: int
+    filtered: dict[str, int]
+
+
+def _read_file(tab: Tabular):
+    """Read task: one file -> rows (user, item, time, row key) and, on each item's first row of a
+    batch, its normalised title ("" for none; null on the other rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def read(batch: dict[str, np.ndarray]):
+        k = int(batch["file"][0])
+        for base, users, items, times, titles in tab.batches(k):
+            codes = pc.dictionary_encode(items).indices.to_numpy(zero_copy_only=False)
+            first, names = first_rows(codes, titles)
+            title = np.full(len(times), None, dtype=object)
+            title[first] = names
+            rows = (k << _ROW_BITS) + base + np.arange(len(times), dtype=np.int64)
+            yield pa.table({"user": users, "item": items, "time": times, "row": rows,
+                            "title": pa.array(title, pa.string())})
+
+    return read
+
+
+def _group_users(p: PrepareConfig):
+    """Pass 2 after a distributed read: the rows of a group of users -> their sample columns."""
+
+    def build(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        order = np.lexsort((rows["row"], rows["time"], rows["user"]))  # by user, time, input order
+        users, items = rows["user"][order], rows["item"][order]
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        return _columns(UserChunk(users[starts], np.r_[starts, len(users)].astype(np.int64), items), p)
+
+    return build
+
+
+def _read_tabular(p: PrepareConfig, tab: Tabular):
+    """The distributed read and grouping of a Parquet/CSV log: (the log's summary, sample columns)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+    import ray.data
+
+    # hash partitions of the two group-bys: a few per CPU (Ray Data's default of 200 is for big clusters)
+    parts = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    rows = (ray.data.from_items([{"file": k} for k in range(len(tab.files))], override_num_blocks=len(tab.files))
+            .map_batches(_read_file(tab), batch_size=1, batch_format="numpy").materialize())
+    # Items: each one's first row in input order names it (and makes it unknown when untitled).
+    firsts = (rows.map_batches(lambda t: t.filter(pc.is_valid(t["title"])).select(["item", "row", "title"]),
+                               batch_format="pyarrow")
+              .groupby("item", num_partitions=parts).map_groups(
+                  lambda g: {k: v[[int(np.argmin(g["row"]))]] for k, v in g.items()}, batch_format="numpy")
+              .take_all())
+    unknown = [f for f in firsts if not f["title"]]
+    if unknown and not p.drop_unknown:
+        f = min(unknown, key=lambda f: int(f["row"]))
+        row = int(f["row"])
+        raise DataError(f"{tab.files[row >> _ROW_BITS]}: row {(row & ((1 << _ROW_BITS) - 1)) + 1}: item "
+                        f"{f['item']!r} has no title in {tab.missing_title} (pass --drop-unknown to drop such "
+                        "interactions)")
+    known = {str(f["item"]): str(f["title"]) for f in firsts if f["title"]}
+    item_ids = _sorted_raw_ids(known)
+    item_set = pa.array(item_ids, pa.string())
+
+    def dense_items(t: pa.Table) -> pa.Table:
+        idx = pc.index_in(t["item"], value_set=item_set)
+        keep = pc.is_valid(idx)
+        return pa.table({"user": t["user"], "item": idx, "time": t["time"], "row": t["row"]}).filter(keep)
+
+    kept = rows.map_batches(dense_items, batch_format="pyarrow").materialize()
+    n_kept = kept.count()
+    if not n_kept:
+        raise DataError(f"{tab.path}: no interactions")
+    user_ids = _sorted_raw_ids(str(u) for u in kept.unique("user"))
+    user_set = pa.array(user_ids, pa.string())
+    users_per_part = -(-len(user_ids) // max(1, n_kept // _PARTITION_ROWS))
+
+    def dense_users(t: pa.Table) -> pa.Table:
+        user = pc.index_in(t["user"], value_set=user_set)
+        return t.set_column(0, "user", user).append_column(
+            "part", pc.divide(user, pa.scalar(users_per_part, user.type)))
+
+    samples = (kept.map_batches(dense_users, batch_format="pyarrow")
+               .groupby("part", num_partitions=parts).map_groups(_group_users(p), batch_format="numpy"))
+    log = _ReadLog(tab.source, p.domain or "movie", [known[i] for i in item_ids], len(user_ids),
+                   {"unknown_item_interactions": rows.count() - n_kept})
+    return log, samples
 
 
 def _records(batch: dict[str, np.ndarray], history_len: int) -> np.ndarray:
@@ -90,21 +198,41 @@ def _records(batch: dict[str, np.ndarray], history_len: int) -> np.ndarray:
 
 def prepare_ray(p: PrepareConfig) -> dict:
     """The Ray engine of `run_prepare`; returns the meta (identical to the local engine's)."""
-    ray = _ensure_ray()
+    _ensure_ray()
+    try:
+        return _prepare_ray(p)
+    except Exception as e:  # a bad input row, raised in a task: the same one-line DataError as locally
+        cause = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+        if cause is None:
+            raise
+        raise DataError(str(cause)) from None
+
+
+def _prepare_ray(p: PrepareConfig) -> dict:
+    import ray
     import ray.data
 
-    with tempfile.TemporaryDirectory(prefix="llara-prepare-", dir=p.tmp_dir) as tmp:
-        data = load_source(p, Path(tmp))
-        # Pass 2's tasks need the id maps (per user/item), never the titles or the driver's files.
-        chunker = (dataclasses.replace(data, titles=[]).piece_chunk if isinstance(data, SpilledLog)
-                   else type(data).piece_chunk)
-        pieces = [ray.put(piece) for piece in data.pieces()]  # partition by partition, into the store
-    check_candidates(p, len(data.titles))
+    if p.format in ("parquet", "csv"):
+        if not p.input:
+            raise DataError(f"prepare.input: --format {p.format} needs --input PATH")
+        tab = Tabular.of(p.input, p.format, user_field=p.user_field, item_field=p.item_field,
+                         time_field=p.time_field, title_field=p.title_field)
+        data, samples_ds = _read_tabular(p, tab)
+        check_candidates(p, len(data.titles))
+    else:  # RecBole/GroupLens (one file) and synthetic: read on the driver, partitions to the store
+        with tempfile.TemporaryDirectory(prefix="llara-prepare-", dir=p.tmp_dir) as tmp:
+            data = load_source(p, Path(tmp))
+            # Pass 2's tasks need the id maps (per user/item), never the titles or the driver's files.
+            chunker = (dataclasses.replace(data, titles=[]).piece_chunk if isinstance(data, SpilledLog)
+                       else type(data).piece_chunk)
+            pieces = [ray.put(piece) for piece in data.pieces()]  # partition by partition
+        check_candidates(p, len(data.titles))
+        samples_ds = (ray.data.from_items([{"piece": ref} for ref in pieces], override_num_blocks=len(pieces))
+                      .map_batches(_sample_columns(chunker, p), batch_size=1, batch_format="numpy"))
+    samples_ds = samples_ds.materialize()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    samples_ds = (ray.data.from_items([{"piece": ref} for ref in pieces], override_num_blocks=len(pieces))
-                  .map_batches(_sample_columns(chunker, p), batch_size=1, batch_format="numpy")
-                  .materialize())
-    del pieces
 
     def only(code: int):
         return lambda b: {k: v[b["split"] == code] for k, v in b.items()}

@@ -611,6 +611,55 @@ def _id_column(col: pa.Array, name: str, role: str, where: Callable[[int], str],
     return col
 
 
+@dataclass(frozen=True)
+class Tabular:
+    """A Parquet or CSV log: its files (read in name order) and the column mapping."""
+
+    path: Path
+    fmt: str
+    fields: dict[str, str]  # role (user, item, time, title) -> column name
+    files: list[Path]
+
+    @classmethod
+    def of(cls, path: str | Path, fmt: str, *, user_field: str | None = None, item_field: str | None = None,
+           time_field: str | None = None, title_field: str | None = None) -> "Tabular":
+        path = Path(path)
+        fields = {"user": user_field or TABULAR_DEFAULTS["user"], "item": item_field or TABULAR_DEFAULTS["item"],
+                  "time": time_field or TABULAR_DEFAULTS["time"], "title": title_field or TABULAR_DEFAULTS["title"]}
+        return cls(path, fmt, fields, _tabular_files(path, ".parquet" if fmt == "parquet" else ".csv"))
+
+    @property
+    def source(self) -> str:
+        return f"{self.fmt}:{self.path.stem}"
+
+    @property
+    def missing_title(self) -> str:
+        return f"column {self.fields['title']!r} on its first row"
+
+    def batches(self, k: int) -> Iterator[tuple[int, pa.Array, pa.Array, np.ndarray, pa.Array]]:
+        """File `k`'s rows, batch by batch: (index in the file of the batch's first row, user ids,
+        item ids (strings), times (float seconds), titles). A bad value names the file, row and field."""
+        f, fields = self.files[k], self.fields
+        base = 0
+        for batch in _tabular_batches(f, self.fmt, fields):
+
+            def at(row: int, base: int = base) -> str:
+                return f"{f}: row {base + row + 1}"
+
+            users = _id_column(batch.column(fields["user"]), fields["user"], "user", at, f)
+            items = _id_column(batch.column(fields["item"]), fields["item"], "item", at, f)
+            times = _numbers(batch.column(fields["time"]), at, fields["time"])
+            yield base, users, items, times, batch.column(fields["title"])
+            base += batch.num_rows
+
+
+def first_rows(codes: np.ndarray, titles: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """The first row of each distinct code in a batch and its normalised title ("" for none)."""
+    _, first = np.unique(codes, return_index=True)
+    raw = titles.take(pa.array(first)).to_pylist()
+    return first, [normalize_title(str(t)) if t is not None else "" for t in raw]
+
+
 def load_tabular(path: str | Path, fmt: str, tmp: Path, *, drop_unknown: bool = False, user_field: str | None = None,
                  item_field: str | None = None, time_field: str | None = None,
                  title_field: str | None = None, domain: str = "movie") -> SpilledLog:
@@ -620,44 +669,30 @@ def load_tabular(path: str | Path, fmt: str, tmp: Path, *, drop_unknown: bool = 
     Read batch by batch. Rows are numbered from 1 per file, after the CSV header. A missing value
     names the file, the row and the field; an item's title is the one on its first row.
     """
-    path = Path(path)
-    suffix = ".parquet" if fmt == "parquet" else ".csv"
-    fields = {"user": user_field or TABULAR_DEFAULTS["user"], "item": item_field or TABULAR_DEFAULTS["item"],
-              "time": time_field or TABULAR_DEFAULTS["time"], "title": title_field or TABULAR_DEFAULTS["title"]}
-    files = _tabular_files(path, suffix)
+    tab = Tabular.of(path, fmt, user_field=user_field, item_field=item_field, time_field=time_field,
+                     title_field=title_field)
     starts: list[int] = []  # global row index of each file's first row
 
     def where(row: int) -> str:
         k = bisect.bisect_right(starts, row) - 1
-        return f"{files[k]}: row {row - starts[k] + 1}"
+        return f"{tab.files[k]}: row {row - starts[k] + 1}"
 
-    rows = _tabular_rows(files, fmt)
+    rows = _tabular_rows(tab.files, fmt)
     log = _Log(tmp, partitions_for(rows), rows)
     titles_by_raw: dict[str, str] = {}
-    for f in files:
+    for k in range(len(tab.files)):
         starts.append(log.rows)
-        for batch in _tabular_batches(f, fmt, fields):
-            base = log.rows
-
-            def at(row: int, base: int = base) -> str:
-                return where(base + row)
-
-            users = _id_column(batch.column(fields["user"]), fields["user"], "user", at, f)
-            items = _id_column(batch.column(fields["item"]), fields["item"], "item", at, f)
+        for _, users, items, times, titles in tab.batches(k):
             seen = len(log.items.index)
-            codes = log.add(users, items, _numbers(batch.column(fields["time"]), at, fields["time"]))
+            codes = log.add(users, items, times)
             # Titles: each new item's first row in this batch names it (a loop per new item only).
             new = np.flatnonzero(codes >= seen)
             if len(new):
-                new_codes, first = np.unique(codes[new], return_index=True)
-                raw = log.items.raw if len(new_codes) else []
-                titles = batch.column(fields["title"]).take(pa.array(new[first])).to_pylist()
-                for code, title in zip(new_codes.tolist(), titles):
-                    title = normalize_title(str(title)) if title is not None else ""
-                    if title:
-                        titles_by_raw[raw[code]] = title
-    return build_interactions(f"{fmt}:{path.stem}", domain, log, titles_by_raw, drop_unknown=drop_unknown,
-                              where=where, missing_title=f"column {fields['title']!r} on its first row", file=path)
+                raw = log.items.raw
+                first, names = first_rows(codes[new], titles.take(pa.array(new)))
+                titles_by_raw.update((raw[c], t) for c, t in zip(codes[new][first].tolist(), names) if t)
+    return build_interactions(tab.source, domain, log, titles_by_raw, drop_unknown=drop_unknown,
+                              where=where, missing_title=tab.missing_title, file=tab.path)
 
 
 # ----------------------------------------------------------------------------------------------
