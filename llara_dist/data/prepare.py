@@ -175,7 +175,8 @@ class ShardSpec:
 
 def _train_tar(records: np.ndarray, lens: np.ndarray, H: int) -> bytes:
     """The tar of train samples (no candidates), built column-wise: the same bytes as the per-sample
-    loop in `shard_file` (tests check), ~10x faster, since train is nearly all of a dataset.
+    loop (`_members_per_sample` + `tar_members`; tests check) at ~3x its speed (benchmarks/
+    bench_encode.py). Train is nearly all of a dataset, so this was most of `prepare`'s CPU.
 
     Arrow's kernels format the ints (as `str` does) and join the pieces of every JSON body at once;
     `tar_columns` then lays out the members. A history is the last `lens[i]` entries of its row.

@@ -131,9 +131,10 @@ def tar_columns(names: pa.Array, bodies: pa.Array) -> bytes:
     rest[:, 24:35] = size  # size: 11 octal digits + NUL (the NUL is in the template)
     # the checksum sums the header with its own field as 8 spaces: the constant part, the name and
     # the size digits (the name's byte sums come from a running sum over all names' bytes)
-    name_bytes = np.frombuffer(names.buffers()[2], np.uint8) if n else np.zeros(0, np.uint8)
+    _, name_off, name_data = names.buffers()
+    name_bytes = np.frombuffer(name_data, np.uint8) if name_data is not None else np.zeros(0, np.uint8)
     running = np.concatenate(([0], np.cumsum(name_bytes, dtype=np.int64)))
-    name_off = np.frombuffer(names.buffers()[1], np.int64, count=n + 1, offset=names.offset * 8)
+    name_off = np.frombuffer(name_off, np.int64, count=n + 1, offset=names.offset * 8)
     chksum = _CONST_SUM + (running[name_off[1:]] - running[name_off[:-1]]) + size.sum(axis=1, dtype=np.int64)
     rest[:, 48:54] = _octal(chksum, 6)  # "%06o\0 "
     rest[:, 54:56] = (0, ord(" "))
