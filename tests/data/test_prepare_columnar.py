@@ -14,9 +14,10 @@ import pytest
 
 from llara_dist.cli import main
 from llara_dist.data.prepare import run_prepare
-from llara_dist.data.samples import (dedup_sequences, eval_candidates, shuffle_keys, split_positions,
+from llara_dist.data.samples import (dedup_sequences, eval_candidates, record_dtype, shuffle_keys, split_positions,
                                      split_samples)
-from llara_dist.data.shards import load_meta, load_titles, read_split, tar_bytes, tar_members
+from llara_dist.data.shards import (compress_shard, load_meta, load_titles, read_split, tar_bytes, tar_columns,
+                                    tar_members)
 from llara_dist.data.sources import Interactions, generate_synthetic
 from llara_dist.errors import DataError
 
@@ -329,3 +330,73 @@ def test_spill_keeps_append_order_within_a_bucket(tmp_path):
     keys = np.array([0, 1 << 62, (1 << 63) + 5, (1 << 64) - 1], dtype=np.uint64)
     assert top_bits_bucket(keys, 4).tolist() == [0, 1, 2, 3]
     assert top_bits_bucket(keys, 1).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("sizes", [[], [1], [0, 511, 512, 513], list(range(0, 3000, 97))])
+def test_columnar_tar_writer_is_byte_identical_to_the_lean_one(sizes):
+    members = [(f"u{i}-t{3 * i}" + "x" * (i % 80) + ".json", bytes([65 + i % 26]) * n) for i, n in enumerate(sizes)]
+    got = tar_columns(pa.array([m[0] for m in members], pa.string()), pa.array([m[1] for m in members], pa.binary()))
+    assert got == tar_members(members)
+
+
+def test_columnar_tar_writer_rejects_names_of_100_bytes():
+    with pytest.raises(ValueError, match="too long"):
+        tar_columns(pa.array(["a.json", "b" * 95 + ".json"]), pa.array([b"{}", b"{}"]))
+
+
+def _train_records(rng: np.random.Generator, n: int, history_len: int, high: int, lens: np.ndarray) -> np.ndarray:
+    records = np.zeros(n, record_dtype(history_len))
+    records["key"] = rng.integers(0, 2**63, n, dtype=np.uint64)
+    for field in ("user", "pos", "target"):
+        records[field] = rng.integers(0, high, n)
+    hist = rng.integers(0, high, (n, history_len))
+    hist[np.arange(history_len)[None, :] < (history_len - lens)[:, None]] = -1  # left padding
+    records["hist"] = hist
+    return records
+
+
+@pytest.mark.parametrize("history_len", [1, 2, 7, 20, 50])
+@pytest.mark.parametrize("n", [0, 1, 2000])
+def test_columnar_train_shards_are_the_per_sample_bytes(history_len, n):
+    from llara_dist.data.prepare import ShardSpec, _members_per_sample, shard_file
+
+    rng = np.random.default_rng(history_len * 7919 + n)
+    for high in (50, 2**31 - 1):  # small ids (many targets in the history) and the widest int32s
+        lens = rng.integers(0, history_len + 1, n)
+        lens[: min(n, 2)] = [0, history_len][: min(n, 2)]  # both extremes, always
+        records = _train_records(rng, n, history_len, high, lens)
+        for compression in ("none", "gzip"):
+            spec = ShardSpec(n_items=high, history_len=history_len, num_candidates=5, seed=3, negatives="unseen",
+                             compression=compression)
+            got, stats = shard_file(spec, "train", records)
+            in_history = (records["hist"] == records["target"][:, None]).any(axis=1)
+            ref_stats = {"target_in_history": int(in_history.sum()), "shortcut": 0}
+            members = _members_per_sample(spec, "train", records, lens, in_history, ref_stats)
+            assert got == compress_shard(tar_members(members), compression)
+            assert stats == ref_stats
+    if n:  # and the bytes still read back as `json.dumps` of each sample
+        with tarfile.open(fileobj=io.BytesIO(shard_file(spec, "train", records)[0])) as tar:
+            member = tar.getmembers()[-1]
+            r = records[-1]
+            history = r["hist"][history_len - lens[-1]:].tolist()
+            key = f"u{r['user']}-t{r['pos']}"
+            assert member.name == key + ".json"
+            assert tar.extractfile(member).read() == json.dumps(
+                {"key": key, "user": int(r["user"]), "history": history, "target": int(r["target"])},
+                separators=(",", ":")).encode()
+
+
+def test_columnar_train_shards_take_the_last_entries_of_malformed_histories():
+    # `shard_file` counts the non-negative entries and keeps that many from the right; the columnar
+    # path must do the same even if -1s are not only on the left (and for negative user ids)
+    from llara_dist.data.prepare import ShardSpec, _members_per_sample, shard_file
+
+    rng = np.random.default_rng(11)
+    records = _train_records(rng, 300, 6, 1000, rng.integers(0, 7, 300))
+    records["hist"][rng.random((300, 6)) < 0.3] = -1
+    records["user"][::3] *= -1
+    spec = ShardSpec(n_items=1000, history_len=6, num_candidates=5, seed=0, negatives="unseen", compression="none")
+    lens = (records["hist"] >= 0).sum(axis=1)
+    in_history = (records["hist"] == records["target"][:, None]).any(axis=1)
+    members = _members_per_sample(spec, "train", records, lens, in_history, {"shortcut": 0})
+    assert shard_file(spec, "train", records)[0] == tar_members(members)
