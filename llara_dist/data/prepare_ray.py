@@ -213,6 +213,7 @@ def prepare_ray(p: PrepareConfig) -> dict:
 def _prepare_ray(p: PrepareConfig) -> dict:
     import ray
     import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if p.format in ("parquet", "csv"):
         if not p.input:
@@ -251,12 +252,18 @@ def _prepare_ray(p: PrepareConfig) -> dict:
     out = p.out
     _prepare_out(out)
     spec = ShardSpec.of(p, len(data.titles))
-    write_task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_write_on_node)
+    write_task = ray.remote(num_cpus=1)(_write_on_node)
+    # Shards go round-robin over the nodes with CPUs (soft affinity: a node that goes away is
+    # replaced): "SPREAD" is only a preference, and with fast tasks it kept them all on one node.
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
+    placement = [NodeAffinitySchedulingStrategy(node, soft=True) for node in nodes] or ["DEFAULT"]
     results, pending = [], deque()
     for split in SPLITS:
         batches = ordered.pop(split).iter_batches(batch_size=p.samples_per_shard, batch_format="numpy")
         for k, batch in enumerate(batches):
-            pending.append(write_task.remote(spec, out, split, k, _records(batch, p.history_len)))
+            strategy = placement[(len(results) + len(pending)) % len(placement)]
+            pending.append(write_task.options(scheduling_strategy=strategy).remote(
+                spec, out, split, k, _records(batch, p.history_len)))
             if len(pending) >= 2 * cpus:
                 results.append(ray.get(pending.popleft()))
     results += ray.get(list(pending))
