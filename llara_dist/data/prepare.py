@@ -315,8 +315,8 @@ def write_local(samples: Samples, spec: ShardSpec, out: Path, samples_per_shard:
     return results
 
 
-def finish(data: Log, p: PrepareConfig, samples: Samples, results: list[tuple[dict, dict]],
-           write: callable) -> dict:
+def finish(data: Log, p: PrepareConfig, dropped: dict[str, int], removed_repeats: int,
+           results: list[tuple[dict, dict]], write: callable) -> dict:
     """items.jsonl and meta.json from the shard results (in task order); returns the meta."""
     shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
     repeats = {s: {"target_in_history": 0, "shortcut": 0} for s in SPLITS}
@@ -342,10 +342,10 @@ def finish(data: Log, p: PrepareConfig, samples: Samples, results: list[tuple[di
         "n_users": data.n_users,
         "counts": counts,
         "shards": shards,
-        "filtered": {**data.filtered, **samples.dropped},
+        "filtered": {**data.filtered, **dropped},
         # Items repeating another item's title: generated text naming such a title is ambiguous.
         "duplicate_titles": len(data.titles) - len(set(data.titles)),
-        "repeats": _repeat_report(p, samples.removed_repeats, repeats, counts),
+        "repeats": _repeat_report(p, removed_repeats, repeats, counts),
         "fingerprint": _fingerprint(items, shards, settings),
     }
     write("meta.json", (json.dumps(meta, indent=2) + "\n").encode())
@@ -395,7 +395,8 @@ def prepare_shards(data: Log, p: PrepareConfig, out: Path, *, tmp: Path | None =
         if pool is not None:
             pool.terminate()
             pool.join()
-    return finish(data, p, samples, results, lambda name, b: (out / name).write_bytes(b))
+    return finish(data, p, samples.dropped, samples.removed_repeats, results,
+                  lambda name, b: (out / name).write_bytes(b))
 
 
 def _summary(meta: dict, out: Path | str) -> str:

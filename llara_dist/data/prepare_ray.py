@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 import tempfile
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llara_dist.config import PrepareConfig
-from llara_dist.data.prepare import (SPLITS, Samples, ShardSpec, check_candidates, check_test_samples, clean_stale,
+from llara_dist.data.prepare import (SPLITS, ShardSpec, check_candidates, check_test_samples, clean_stale,
                                      finish, load_source, write_bytes, write_shard)
 from llara_dist.data.samples import UserChunk, chunk_samples, record_dtype
 from llara_dist.data.shards import COMPRESSIONS
-from llara_dist.data.sources import _PARTITION_ROWS, SpilledLog, Tabular, _sorted_raw_ids, first_rows
+from llara_dist.data.sources import (_PARTITION_ROWS, SpilledLog, Tabular, _sorted_raw_ids, first_rows,
+                                     unknown_item_error)
 from llara_dist.errors import DataError
 
 _SIGN = np.uint64(1 << 63)  # key ^ _SIGN viewed as int64 sorts like the uint64 key (Arrow sorts int64)
@@ -127,9 +128,7 @@ def _group_users(p: PrepareConfig):
 
     def build(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         order = np.lexsort((rows["row"], rows["time"], rows["user"]))  # by user, time, input order
-        users, items = rows["user"][order], rows["item"][order]
-        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-        return _columns(UserChunk(users[starts], np.r_[starts, len(users)].astype(np.int64), items), p)
+        return _columns(UserChunk.from_sorted(rows["user"][order], rows["item"][order]), p)
 
     return build
 
@@ -155,9 +154,8 @@ def _read_tabular(p: PrepareConfig, tab: Tabular):
     if unknown and not p.drop_unknown:
         f = min(unknown, key=lambda f: int(f["row"]))
         row = int(f["row"])
-        raise DataError(f"{tab.files[row >> _ROW_BITS]}: row {(row & ((1 << _ROW_BITS) - 1)) + 1}: item "
-                        f"{f['item']!r} has no title in {tab.missing_title} (pass --drop-unknown to drop such "
-                        "interactions)")
+        raise unknown_item_error(tab.where(row >> _ROW_BITS, row & ((1 << _ROW_BITS) - 1)), str(f["item"]),
+                                 tab.missing_title)
     known = {str(f["item"]): str(f["title"]) for f in firsts if f["title"]}
     item_ids = _sorted_raw_ids(known)
     item_set = pa.array(item_ids, pa.string())
@@ -269,8 +267,8 @@ def _prepare_ray(p: PrepareConfig) -> dict:
     results += ray.get(list(pending))
     nodes = {node for _, _, node in results}
     print(f"ray engine: {len(results)} shards written by tasks on {len(nodes)} node(s)")
-    samples = Samples(spills={}, dropped=dropped, removed_repeats=removed)
-    return finish(data, p, samples, [(entry, st) for entry, st, _ in results], lambda name, b: write_bytes(out, name, b))
+    return finish(data, p, dropped, removed, [(entry, st) for entry, st, _ in results],
+                  lambda name, b: write_bytes(out, name, b))
 
 
 def _write_on_node(spec: ShardSpec, out: str, split: str, index: int, records: np.ndarray):

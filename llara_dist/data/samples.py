@@ -119,6 +119,12 @@ class UserChunk:
     offsets: np.ndarray
     items: np.ndarray
 
+    @classmethod
+    def from_sorted(cls, users: np.ndarray, items: np.ndarray) -> "UserChunk":
+        """From one row per interaction, already sorted by user (then time)."""
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
+        return cls(users[starts], np.r_[starts, len(users)].astype(np.int64), items)
+
 
 @dataclass
 class ChunkSamples:

@@ -253,12 +253,16 @@ class SpilledLog:
             rows, items = rows[keep], items[keep]
         users = self.user_remap[rows["user"]]
         order = np.lexsort((rows["time"], users))  # by user, then time; stable: ties keep input order
-        users, items = users[order], items[order]
-        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
-        return UserChunk(users[starts], np.r_[starts, len(users)].astype(np.int64), items)
+        return UserChunk.from_sorted(users[order], items[order])
 
     def chunks(self) -> Iterator[UserChunk]:
         return (self.piece_chunk(rows) for rows in self.pieces())
+
+
+def unknown_item_error(where: str, item: str, missing_title: str) -> DataError:
+    """The error for the first row of an item without a title (both engines raise this one)."""
+    return DataError(f"{where}: item {item!r} has no title in {missing_title} "
+                     "(pass --drop-unknown to drop such interactions)")
 
 
 def build_interactions(source: str, domain: str, log: _Log, titles_by_raw: dict[str, str], *,
@@ -276,8 +280,7 @@ def build_interactions(source: str, domain: str, log: _Log, titles_by_raw: dict[
     dropped = int(log.item_count[~known].sum())
     if dropped and not drop_unknown:
         code = int(np.argmin(np.where(known, np.iinfo(np.int64).max, log.item_first_row)))
-        raise DataError(f"{where(int(log.item_first_row[code]))}: item {item_raw[code]!r} has no title in "
-                        f"{missing_title} (pass --drop-unknown to drop such interactions)")
+        raise unknown_item_error(where(int(log.item_first_row[code])), item_raw[code], missing_title)
     if log.rows == dropped:
         raise DataError(f"{file}: no interactions")
     item_remap, item_order = _dense(known & (log.item_count > 0), item_raw)
@@ -636,6 +639,10 @@ class Tabular:
     def missing_title(self) -> str:
         return f"column {self.fields['title']!r} on its first row"
 
+    def where(self, k: int, row: int) -> str:
+        """File `k`'s 0-based data row `row`, as errors name it (rows numbered from 1 per file)."""
+        return f"{self.files[k]}: row {row + 1}"
+
     def batches(self, k: int) -> Iterator[tuple[int, pa.Array, pa.Array, np.ndarray, pa.Array]]:
         """File `k`'s rows, batch by batch: (index in the file of the batch's first row, user ids,
         item ids (strings), times (float seconds), titles). A bad value names the file, row and field."""
@@ -644,7 +651,7 @@ class Tabular:
         for batch in _tabular_batches(f, self.fmt, fields):
 
             def at(row: int, base: int = base) -> str:
-                return f"{f}: row {base + row + 1}"
+                return self.where(k, base + row)
 
             users = _id_column(batch.column(fields["user"]), fields["user"], "user", at, f)
             items = _id_column(batch.column(fields["item"]), fields["item"], "item", at, f)
@@ -675,7 +682,7 @@ def load_tabular(path: str | Path, fmt: str, tmp: Path, *, drop_unknown: bool = 
 
     def where(row: int) -> str:
         k = bisect.bisect_right(starts, row) - 1
-        return f"{tab.files[k]}: row {row - starts[k] + 1}"
+        return tab.where(k, row - starts[k])
 
     rows = _tabular_rows(tab.files, fmt)
     log = _Log(tmp, partitions_for(rows), rows)
